@@ -1,0 +1,435 @@
+"""Phenoprints-style curation of a training set: which images of a screen to pretrain on.
+
+Steps, in order (each counted in the report):
+
+1. `missing_metadata`: drop images whose well, plate, experiment, perturbation or perturbation type is missing
+   (and control images without a control type).
+2. `image_quality`: drop blank, saturated and out-of-focus images (`CurationConfig` thresholds).
+3. `min_replicates`: drop perturbations seen in fewer than `min_experiments` experiments or `min_wells` wells.
+   Controls are exempt (step 4 handles them).
+4. `control_undersampling`: keep a seeded random fraction of positive- and negative-control wells per plate.
+5. `consistency`: keep a perturbation if its replicate wells are more alike than random wells of the same
+   experiment (permutation test of the mean pairwise cosine, per experiment, p-values combined over
+   experiments by the Cauchy combination test) with p < `alpha` under ANY of the supplied embedding sets.
+
+Wells are the unit of steps 3-5: a well is (experiment, plate, well_id); its embedding is the mean of its
+images' embeddings. Embedding sets are (N, D) arrays aligned with the metadata rows. Before cosines, well
+embeddings are center-scaled per plate and whitened on the negative-control wells, so that replicate noise is
+isotropic (with raw image statistics, whose features are strongly correlated, it raised the share of planted
+genes kept on a small synthetic screen from about 0.5 to 0.8). The null
+pool of an experiment is every well that passed steps 1-2 (controls included).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from vitally_jax import curation_stats as cs
+from vitally_jax.errors import ConfigError, DataError
+from vitally_jax.fileio import atomic_path, write_text
+
+REQUIRED = ("image_id", "well_id", "plate", "experiment", "perturbation", "perturbation_type", "is_control",
+            "control_type")
+_STORE_COLUMNS = set(REQUIRED) | {"well_row", "well_col", "site", "guide_id", "concentration", "n_sites"}
+_MUST_BE_PRESENT = ("image_id", "well_id", "plate", "experiment", "perturbation", "perturbation_type", "is_control")
+
+
+@dataclasses.dataclass(frozen=True)
+class CurationConfig:
+    """Curation settings; defaults follow the paper (3 experiments, 20 wells, 10% / 30% controls, p < 0.01)."""
+
+    min_experiments: int = 3
+    min_wells: int = 20
+    keep_positive_controls: float = 0.1
+    keep_negative_controls: float = 0.3
+    n_permutations: int = 1000
+    alpha: float = 0.01
+    seed: int = 0
+    # per-batch center-scale of well embeddings before cosines: "plate", "experiment" or "none"
+    normalize: str = "plate"
+    # then whiten on controls: X <- X (S + whiten_shrinkage I)^(-1/2), S the covariance of the negative-control
+    # wells (all wells when there are fewer than 2), so replicate noise is isotropic; "none" to skip
+    whiten: str = "controls"
+    whiten_shrinkage: float = 0.5
+    # image quality: blank if max channel std < blank_max_contrast (uint8 units); saturated if some channel has
+    # more than saturated_max_fraction of its pixels at 255; out of focus if the Laplacian variance is below
+    # focus_min_ratio x the plate's median (and below focus_min when set)
+    blank_max_contrast: float = 2.0
+    saturated_max_fraction: float = 0.05
+    focus_min_ratio: float = 0.25
+    focus_min: float | None = None
+
+    def __post_init__(self):
+        for name in ("keep_positive_controls", "keep_negative_controls"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"curation.{name}: expected a fraction in [0, 1], got {v}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"curation.alpha: expected a value in (0, 1), got {self.alpha}")
+        if self.n_permutations < 1:
+            raise ConfigError(f"curation.n_permutations: expected >= 1, got {self.n_permutations}")
+        if self.min_experiments < 1 or self.min_wells < 1:
+            raise ConfigError("curation.min_experiments / min_wells: expected integers >= 1")
+        if self.whiten not in ("controls", "none"):
+            raise ConfigError(f"curation.whiten: expected 'controls' or 'none', got {self.whiten!r}")
+        if self.whiten_shrinkage < 0:
+            raise ConfigError(f"curation.whiten_shrinkage: expected >= 0, got {self.whiten_shrinkage}")
+        if self.normalize not in ("plate", "experiment", "none"):
+            raise ConfigError(f"curation.normalize: expected 'plate', 'experiment' or 'none', got {self.normalize!r}")
+
+
+@dataclasses.dataclass
+class CurationResult:
+    """`index`: kept metadata rows (column `image_id` first); `report`: counts after each step;
+    `perturbations`: one row per non-control perturbation that passed steps 1-2 (n_wells, n_experiments,
+    `p_<set>` combined p per embedding set, kept, dropped_at: '', 'min_replicates' or 'consistency');
+    `tests`: one row per (embedding set, perturbation, experiment) consistency test."""
+
+    index: pd.DataFrame
+    report: dict
+    perturbations: pd.DataFrame
+    tests: pd.DataFrame
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _missing(col: pd.Series) -> np.ndarray:
+    return (col.isna() | (col.astype(str) == "")).to_numpy()
+
+
+def _counts(meta: pd.DataFrame, keep: np.ndarray) -> dict:
+    m = meta[keep]
+    ctrl = m["is_control"].astype(bool)
+    return {"images": int(len(m)), "wells": int(m["_well"].nunique()),
+            "perturbations": int(m.loc[~ctrl, "perturbation"].nunique()),
+            "control_wells": int(m.loc[ctrl, "_well"].nunique()),
+            "experiments": int(m["experiment"].nunique()), "plates": int(m["plate"].nunique())}
+
+
+# ------------------------------------------------------------------------------------------------- steps
+
+
+def quality_flags(metadata: pd.DataFrame, quality: pd.DataFrame, config: CurationConfig) -> pd.DataFrame:
+    """Boolean `blank`, `saturated`, `out_of_focus` per image from measures aligned with the metadata rows
+    (`contrast`, `saturation`, `focus`, as from `curation_stats.image_quality`). The focus threshold is relative
+    to the median focus of the non-blank images of the same plate."""
+    for c in ("contrast", "saturation", "focus"):
+        if c not in quality.columns:
+            raise DataError(f"image quality table: missing column '{c}' (expected contrast, saturation, focus)")
+    if len(quality) != len(metadata):
+        raise DataError(f"image quality table: {len(quality)} rows, expected one per image ({len(metadata)})")
+    q = quality.reset_index(drop=True)
+    blank = q["contrast"].to_numpy() < config.blank_max_contrast
+    saturated = q["saturation"].to_numpy() > config.saturated_max_fraction
+    focus = q["focus"].to_numpy()
+    plate_median = (pd.Series(np.where(blank, np.nan, focus)).groupby(metadata["plate"].to_numpy())
+                    .transform("median").to_numpy())
+    oof = focus < config.focus_min_ratio * np.nan_to_num(plate_median, nan=0.0)
+    if config.focus_min is not None:
+        oof |= focus < config.focus_min
+    return pd.DataFrame({"blank": blank, "saturated": saturated & ~blank, "out_of_focus": oof & ~blank & ~saturated})
+
+
+def undersample_controls(wells: pd.DataFrame, config: CurationConfig) -> np.ndarray:
+    """Seeded choice of control wells to keep. wells: one row per well with `plate`, `control_type`, `is_control`.
+    Per (plate, control type) keeps round(fraction x n) wells, at least one when the fraction is > 0.
+    Returns a boolean (n_wells,) mask (True for every non-control well)."""
+    keep = ~wells["is_control"].to_numpy(bool)
+    rng = np.random.default_rng([config.seed, 1])
+    frac = {"positive": config.keep_positive_controls, "negative": config.keep_negative_controls}
+    ctrl = wells[~keep]
+    for (plate, ctype), grp in ctrl.groupby(["plate", "control_type"], sort=True):
+        f = frac.get(ctype, 1.0)
+        n = len(grp)
+        k = 0 if f == 0 else max(1, int(np.floor(f * n + 0.5)))
+        chosen = rng.choice(grp.index.to_numpy(), size=min(k, n), replace=False)
+        keep[chosen] = True
+    return keep
+
+
+def consistency_tests(wells: pd.DataFrame, embeddings: np.ndarray, candidates: np.ndarray,
+                      config: CurationConfig) -> pd.DataFrame:
+    """Permutation tests of replicate consistency for one embedding set.
+
+    wells: one row per well (the null pool) with `experiment`, `plate`, `perturbation`, `control_type`;
+    embeddings: (n_wells, D) aligned with `wells`; candidates: the perturbations to test. Embeddings are
+    center-scaled per batch and whitened on negative controls (`config.normalize`, `config.whiten`).
+    Returns one row per (perturbation, experiment) with columns perturbation, experiment, n_wells, mean_cosine,
+    p (NaN with fewer than 2 wells).
+    """
+    x = np.asarray(embeddings, np.float32)
+    if config.normalize != "none":
+        keys = wells["experiment"].astype(str)
+        if config.normalize == "plate":
+            keys = keys + "\x1f" + wells["plate"].astype(str)
+        x = cs.center_scale(x, pd.factorize(keys)[0])
+    if config.whiten == "controls":
+        neg = (wells["control_type"] == "negative").to_numpy() if "control_type" in wells \
+            else np.zeros(len(x), bool)
+        x = cs.whiten(x, x[neg] if neg.sum() >= 2 else x, config.whiten_shrinkage)
+    u = cs.unit_rows(x)
+    cand = pd.Index(pd.unique(np.asarray(candidates, dtype=object)))
+    code = cand.get_indexer(wells["perturbation"].to_numpy(dtype=object))
+    exps = wells["experiment"].to_numpy(dtype=object)
+    rows = []
+    for e_i, exp in enumerate(sorted(pd.unique(exps), key=str)):
+        sel = np.flatnonzero(exps == exp)
+        groups = code[sel]
+        present = np.unique(groups[groups >= 0])
+        if len(present) == 0:
+            continue
+        remap = np.full(len(cand), -1)
+        remap[present] = np.arange(len(present))
+        g = np.where(groups >= 0, remap[np.maximum(groups, 0)], -1)
+        rng = np.random.default_rng([config.seed, 2, e_i])  # the same null draws for every set
+        p, stat, size = cs.permutation_pvalues(u[sel], g, len(present), config.n_permutations, rng)
+        rows.append(pd.DataFrame({"perturbation": cand[present], "experiment": exp, "n_wells": size,
+                                  "mean_cosine": stat, "p": p}))
+    if not rows:
+        return pd.DataFrame(columns=["perturbation", "experiment", "n_wells", "mean_cosine", "p"])
+    return pd.concat(rows, ignore_index=True)
+
+
+def combine_experiments(tests: pd.DataFrame) -> pd.Series:
+    """Cauchy-combined p per perturbation over its experiments (equal weights; NaN tests ignored)."""
+    if tests.empty:
+        return pd.Series(dtype=float)
+    mat = tests.pivot_table(index="perturbation", columns="experiment", values="p", aggfunc="first", dropna=False)
+    return pd.Series(cs.cauchy_combination(mat.to_numpy(dtype=float), axis=1), index=mat.index, name="p")
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+
+def check_metadata(metadata: pd.DataFrame, source: str = "metadata") -> None:
+    """Raise DataError unless the curation columns exist and image ids are unique."""
+    missing = [c for c in REQUIRED if c not in metadata.columns]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {', '.join(missing)} (expected {', '.join(REQUIRED)})")
+    dup = metadata["image_id"].duplicated()
+    if dup.any():
+        raise DataError(f"{source}: duplicate image_id {metadata['image_id'][dup].iloc[0]!r} (expected unique ids)")
+
+
+def curate(metadata: pd.DataFrame, embeddings: Mapping[str, np.ndarray] | None = None,
+           config: CurationConfig = CurationConfig(), quality: pd.DataFrame | None = None) -> CurationResult:
+    """Run the curation steps on a screen's metadata (one row per image).
+
+    embeddings: name -> (N, D) array aligned with the metadata rows (at least one for the consistency step;
+    none skips it). quality: per-image `contrast`, `saturation`, `focus` aligned with the rows (None skips the
+    image-quality step). Returns a `CurationResult`; nothing is written.
+    """
+    check_metadata(metadata)
+    meta = metadata.reset_index(drop=True).copy()
+    n = len(meta)
+    embeddings = dict(embeddings or {})
+    for name, e in embeddings.items():
+        if np.ndim(e) != 2 or len(e) != n:
+            raise DataError(f"embedding set '{name}': expected shape ({n}, D) aligned with the images, "
+                            f"got {np.shape(e)}")
+        if not np.isfinite(np.asarray(e)).all():
+            raise DataError(f"embedding set '{name}': contains NaN or infinite values")
+    meta["_well"] = (meta["experiment"].astype(str) + "\x1f" + meta["plate"].astype(str) + "\x1f"
+                     + meta["well_id"].astype(str))
+    steps = [{"step": "input", **_counts(meta, np.ones(n, bool))}]
+
+    # 1. missing metadata
+    miss = np.zeros(n, bool)
+    for c in _MUST_BE_PRESENT:
+        miss |= _missing(meta[c])
+    ctrl = meta["is_control"].fillna(False).astype(bool).to_numpy()
+    miss |= ctrl & ~meta["control_type"].isin(["positive", "negative"]).to_numpy()
+    keep = ~miss
+    meta["is_control"] = ctrl
+    steps.append({"step": "missing_metadata", "removed_images": int(miss.sum()), **_counts(meta, keep)})
+
+    # 2. image quality
+    if quality is not None:
+        flags = quality_flags(meta, quality, config)
+        removed = {k: int((flags[k].to_numpy() & keep).sum()) for k in flags.columns}
+        bad = flags.to_numpy().any(axis=1) & keep
+        keep &= ~bad
+        steps.append({"step": "image_quality", "removed_images": int(bad.sum()), "removed_by_reason": removed,
+                      **_counts(meta, keep)})
+    else:
+        steps.append({"step": "image_quality", "skipped": "no image quality measures", "removed_images": 0,
+                      **_counts(meta, keep)})
+    pool_keep = keep.copy()  # the consistency null draws from every well that passed steps 1-2
+
+    # 3. minimum replicates (non-control perturbations)
+    m = meta[keep & ~ctrl]
+    per = m.groupby("perturbation").agg(n_wells=("_well", "nunique"), n_experiments=("experiment", "nunique"))
+    enough = per.index[(per["n_wells"] >= config.min_wells) & (per["n_experiments"] >= config.min_experiments)]
+    drop3 = keep & ~ctrl & ~meta["perturbation"].isin(enough).to_numpy()
+    keep &= ~drop3
+    steps.append({"step": "min_replicates", "removed_images": int(drop3.sum()),
+                  "removed_perturbations": int(len(per) - len(enough)), **_counts(meta, keep)})
+
+    # 4. control undersampling (per well)
+    wells_all = meta[keep].drop_duplicates("_well")[["_well", "plate", "control_type", "is_control"]]
+    wells_all = wells_all.reset_index(drop=True)
+    kept_wells = set(wells_all["_well"][undersample_controls(wells_all, config)])
+    drop4 = keep & ~meta["_well"].isin(kept_wells).to_numpy()
+    keep &= ~drop4
+    steps.append({"step": "control_undersampling", "removed_images": int(drop4.sum()), **_counts(meta, keep)})
+
+    # 5. replicate consistency
+    per["dropped_at"] = np.where(per.index.isin(enough), "", "min_replicates")
+    per["kept"] = per.index.isin(enough)
+    tests = []
+    if embeddings and len(enough):
+        pool = meta[pool_keep]
+        well_codes, well_keys = pd.factorize(pool["_well"])
+        wells = pool.drop_duplicates("_well").set_index("_well").loc[well_keys].reset_index()
+        for name, e in embeddings.items():
+            x = cs.well_means(np.asarray(e)[pool_keep], well_codes, len(well_keys))
+            t = consistency_tests(wells, x, enough.to_numpy(), config)
+            t.insert(0, "embedding", name)
+            tests.append(t)
+            per[f"p_{name}"] = combine_experiments(t).reindex(per.index)
+        consistent = (per[[f"p_{name}" for name in embeddings]] < config.alpha).any(axis=1).to_numpy()
+        per.loc[per["kept"].to_numpy() & ~consistent, "dropped_at"] = "consistency"
+        per["kept"] &= consistent
+        drop5 = keep & ~ctrl & ~meta["perturbation"].isin(per.index[per["kept"]]).to_numpy()
+        keep &= ~drop5
+        steps.append({"step": "consistency", "embedding_sets": list(embeddings), "alpha": config.alpha,
+                      "n_permutations": config.n_permutations, "removed_images": int(drop5.sum()),
+                      "removed_perturbations": int((per["dropped_at"] == "consistency").sum()),
+                      "kept_by_set": {nm: int((per[f"p_{nm}"] < config.alpha).sum()) for nm in embeddings},
+                      **_counts(meta, keep)})
+    else:
+        steps.append({"step": "consistency", "skipped": "no embedding sets" if not embeddings else "nothing to test",
+                      "removed_images": 0, **_counts(meta, keep)})
+
+    index = meta.loc[keep, list(metadata.columns)].reset_index(drop=True)
+    index = index[["image_id"] + [c for c in index.columns if c != "image_id"]]
+    report = {"config": dataclasses.asdict(config), "steps": steps}
+    tests_df = pd.concat(tests, ignore_index=True) if tests else pd.DataFrame(
+        columns=["embedding", "perturbation", "experiment", "n_wells", "mean_cosine", "p"])
+    return CurationResult(index=index, report=report, perturbations=per.reset_index(), tests=tests_df)
+
+
+def _align(df: pd.DataFrame, vals: np.ndarray, metadata: pd.DataFrame, source: str) -> np.ndarray:
+    """Rows of vals (keyed by df's image_id, or by plate + well_id for well-level tables) for each image."""
+    if "image_id" in df.columns:
+        keys, want = df["image_id"].astype(str), metadata["image_id"].astype(str)
+    elif {"plate", "well_id"} <= set(df.columns):
+        keys = df["plate"].astype(str) + "\x1f" + df["well_id"].astype(str)
+        want = metadata["plate"].astype(str) + "\x1f" + metadata["well_id"].astype(str)
+    else:
+        raise DataError(f"{source}: expected an 'image_id' column (or 'plate' and 'well_id') to align embeddings")
+    rows = pd.Index(keys).get_indexer(want)
+    if (rows < 0).any():
+        bad = metadata["image_id"].iloc[int(np.flatnonzero(rows < 0)[0])]
+        raise DataError(f"{source}: no embedding for image_id {bad!r} ({int((rows < 0).sum())} images missing)")
+    return vals[rows]
+
+
+def load_embeddings(path: str | os.PathLike, metadata: pd.DataFrame) -> np.ndarray:
+    """An embedding set aligned with the metadata rows -> (N, D) float32.
+
+    Formats: `.npy` (N, D) in row order; `.npz` (array `embeddings`, or its only array); `.parquet` with
+    `feature_*` columns (or other numeric non-metadata columns, or one list-valued column) keyed by `image_id`
+    or, for well-level tables, by `plate` + `well_id`; an embedding store folder (`vitally_jax.embed_screen`:
+    its last block, `mean` pooling when stored).
+    """
+    path = os.fspath(path)
+    n = len(metadata)
+    try:
+        if os.path.isdir(path):
+            from vitally_jax.embed_screen import EmbeddingStore
+
+            es = EmbeddingStore.open(path)
+            pooling = "mean" if "mean" in es.poolings else es.poolings[0]
+            x = _align(es.metadata, es.features(pooling, [max(es.blocks)])[0], metadata, path)
+        elif path.endswith(".npy"):
+            x = np.load(path)
+        elif path.endswith(".npz"):
+            with np.load(path) as z:
+                keys = list(z.keys())
+                if "embeddings" not in keys and len(keys) != 1:
+                    raise DataError(f"{path}: expected an array named 'embeddings' (found {', '.join(keys)})")
+                x = z["embeddings" if "embeddings" in keys else keys[0]]
+        elif path.endswith(".parquet"):
+            df = pd.read_parquet(path)
+            feats = [c for c in df.columns if str(c).startswith("feature_")] or [
+                c for c in df.columns if c not in _STORE_COLUMNS and pd.api.types.is_numeric_dtype(df[c])
+                and not pd.api.types.is_bool_dtype(df[c])]
+            lists = [c for c in df.columns if df[c].dtype == object and len(df)
+                     and isinstance(df[c].iloc[0], (list, np.ndarray))]
+            if feats:
+                vals = df[feats].to_numpy(np.float32)
+            elif len(lists) == 1:
+                vals = np.stack(df[lists[0]].to_numpy()).astype(np.float32)
+            else:
+                raise DataError(f"{path}: expected feature_* columns or one list-valued embedding column")
+            x = _align(df, vals, metadata, path)
+        else:
+            raise DataError(f"{path}: unknown embedding file type (expected .npy, .npz, .parquet or an "
+                            "embedding store folder)")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable embeddings ({e})") from None
+    if x.ndim != 2 or len(x) != n:
+        raise DataError(f"{path}: embeddings of shape {x.shape}, expected ({n}, D) for the store's {n} images")
+    return np.asarray(x, np.float32)
+
+
+def curate_store(store, embeddings: Mapping[str, np.ndarray | str | os.PathLike] | None = None,
+                 config: CurationConfig = CurationConfig(), *, quality: bool = True,
+                 batch_size: int = 32) -> CurationResult:
+    """`curate` an image store (an `ImageStore` or its folder). Embedding sets may be arrays aligned with the
+    store's rows or files for `load_embeddings`. With `quality`, image quality is measured on the store's
+    images, `batch_size` at a time."""
+    from vitally_jax.data.store import ImageStore
+
+    if not hasattr(store, "metadata"):
+        store = ImageStore.open(store)
+    meta = store.metadata
+    sets = {k: (load_embeddings(v, meta) if isinstance(v, (str, os.PathLike)) else v)
+            for k, v in (embeddings or {}).items()}
+    q = cs.store_quality(store, batch_size) if quality else None
+    return curate(meta, sets, config, quality=q)
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def report_markdown(report: dict) -> str:
+    """The report as a Markdown table of counts after each step."""
+    cols = ["images", "wells", "perturbations", "control_wells", "experiments", "plates", "removed_images"]
+    lines = ["# Curation report", "", "| step | " + " | ".join(cols) + " | notes |",
+             "|---|" + "---:|" * len(cols) + "---|"]
+    for s in report["steps"]:
+        notes = []
+        if "skipped" in s:
+            notes.append(f"skipped: {s['skipped']}")
+        if "removed_by_reason" in s:
+            notes.append(", ".join(f"{k} {v}" for k, v in s["removed_by_reason"].items()))
+        if "kept_by_set" in s:
+            notes.append("kept by " + ", ".join(f"{k} {v}" for k, v in s["kept_by_set"].items()))
+        if "removed_perturbations" in s:
+            notes.append(f"{s['removed_perturbations']} perturbations removed")
+        lines.append(f"| {s['step']} | " + " | ".join(str(s.get(c, "")) for c in cols) + f" | {'; '.join(notes)} |")
+    cfg = report["config"]
+    lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in cfg.items()), ""]
+    return "\n".join(lines)
+
+
+def write_curation(result: CurationResult, index_path: str | os.PathLike,
+                   report_path: str | os.PathLike | None = None) -> None:
+    """Write the curated index (Parquet, atomically), `<report>.json` / `<report>.md`, and the per-perturbation
+    table `<report>.perturbations.parquet`. report_path defaults to the index path without its suffix."""
+    index_path = os.fspath(index_path)
+    base = os.fspath(report_path) if report_path else os.path.splitext(index_path)[0] + ".report"
+    with atomic_path(index_path) as tmp:
+        result.index.to_parquet(tmp, index=False)
+    with atomic_path(base + ".perturbations.parquet") as tmp:
+        result.perturbations.to_parquet(tmp, index=False)
+    write_text(base + ".json", json.dumps(result.report, indent=2, default=str) + "\n")
+    write_text(base + ".md", report_markdown(result.report))
