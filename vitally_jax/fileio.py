@@ -23,6 +23,11 @@ def _wrap_oserror(path: pathlib.Path, e: OSError) -> ResourceError:
     return ResourceError(f"{path}: write failed ({e.strerror or e})")
 
 
+def _is_no_space(e: Exception) -> bool:
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "No space left on device" in text
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[pathlib.Path]:
     """Yield a temporary path next to `path`; on success rename it onto `path`.
@@ -51,6 +56,10 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[pa
             os.replace(tmp, path)
     except OSError as e:
         raise _wrap_oserror(path, e) from None
+    except ValueError as e:  # TensorStore reports file-system failures as ValueError with the OS error inside
+        if _is_no_space(e):
+            raise ResourceError(f"{path}: no space left on device while writing") from None
+        raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 

@@ -1,0 +1,128 @@
+"""Shared builder of MAE pretraining configs (every key declared; None where a value is optional; keys a user
+sets from the command line while they default to None are typed placeholders, so `--config.input.store=DIR` works).
+
+A model config file calls `build(recipe, arg)` where `recipe` holds the paper's numbers for that model and `arg`
+is the string after the colon in `--config=configs/vitg8.py:ARG`: comma-separated words and key=value pairs,
+e.g. `runlocal`, `runlocal,steps=200`, `variant=L/8`. `runlocal` shrinks the model, crops, batch and schedule so
+that a CPU finishes in minutes on a synthetic screen generated into the workdir.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from vitally_jax.errors import ConfigError
+
+
+def parse_arg(arg: str | None) -> dict[str, str | bool]:
+    """`"runlocal,steps=20"` -> `{"runlocal": True, "steps": "20"}`."""
+    out: dict[str, str | bool] = {}
+    for part in (arg or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" in part:
+            k, v = part.split("=", 1)
+            out[k.strip()] = v.strip()
+        else:
+            out[part] = True
+    unknown = set(out) - {"runlocal", "variant", "steps", "batch"}
+    if unknown:
+        raise ConfigError(f"config argument: unknown word(s) {sorted(unknown)}; expected runlocal, variant=, "
+                          "steps=, batch=")
+    return out
+
+
+def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
+    """The full config tree for one model recipe (see the model config files for the numbers)."""
+    args = parse_arg(arg)
+    c = ml_collections.ConfigDict()
+    c.job = "train"  # "train" | "demo"
+    c.seed = 0
+    c.total_steps = recipe["total_steps"]
+    # stop cleanly (checkpoint, exit 0) after this many steps in one run; None = never
+    c.stop_after_steps = config_dict.placeholder(int)
+
+    # Model: `vitally_jax.models.mae.mae_config(variant, **overrides)`.
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = recipe["variant"]
+    c.model.in_chans = 6
+    c.model.mask_ratio = 0.75
+    c.model.fourier_weight = 0.01
+    c.model.fourier = "reference"  # "reference" (bit-compatible with the PyTorch code) | "image"
+    c.model.drop_path_rate = recipe["drop_path_rate"]
+    c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters stay float32)
+    c.model.remat = "none"  # "none" | "full" | "dots_saveable"
+    c.model.attention_impl = None  # None (XLA picks) | "xla" | "cudnn"
+    c.model.decoder_depth = None  # None = the variant's default (8 blocks x 512 for L/8 and G/8)
+    c.model.decoder_width = None
+    c.model.decoder_heads = None
+
+    # Input: a store written by vitally_jax.data (or a synthetic one generated on first use).
+    c.input = ml_collections.ConfigDict()
+    c.input.store = config_dict.placeholder(str)  # path of the image store; None requires input.synthetic
+    c.input.synthetic = None  # None | a SyntheticConfig preset ("tiny", "demo"): generated into WORKDIR/synthetic
+    c.input.index = config_dict.placeholder(str)  # curated index (Parquet, column image_id); None = whole store
+    c.input.crop = 256
+    c.input.global_batch = recipe["global_batch"]
+    c.input.flips = True
+    c.input.rot90 = True
+
+    # Optimiser: Lion + one-cycle cosine (PyTorch OneCycleLR semantics).
+    c.optax = ml_collections.ConfigDict()
+    c.optax.name = "lion"
+    c.optax.peak_lr = recipe["peak_lr"]
+    c.optax.b1 = 0.9
+    c.optax.b2 = 0.95
+    c.optax.weight_decay = 0.05
+    c.optax.decay_1d = False  # also decay biases/norms/LayerScale (the reference excludes them)
+    c.optax.pct_start = 0.1
+    c.optax.div_factor = 25.0
+    c.optax.final_div_factor = 1e4
+    c.optax.cycle_momentum = False  # cycle b1 0.95 -> 0.85 -> 0.95 inversely to the lr
+    c.optax.base_momentum = 0.85
+    c.optax.max_momentum = 0.95
+    c.optax.grad_clip_norm = 1.0  # None = no clipping
+    c.optax.mu_dtype = None  # None = parameter dtype; "bfloat16" halves optimiser memory
+
+    # Mesh over ('data', 'fsdp', 'model'); one axis may be -1 (all remaining devices).
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = recipe["mesh"]
+    c.mesh.rules = None  # None = vitally_jax.sharding default rules; else ((regex, partition spec tuple), ...)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+    c.checkpoint.export_encoder = True  # write WORKDIR/encoder (load with vitally_jax.load_encoder) at the end
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 50
+    c.log.tensorboard = True
+    c.log.recon_every_steps = 5000  # reconstruction PNG; None = never
+    c.log.recon_images = 2
+    c.log.peak_flops_per_device = recipe.get("peak_flops")  # None = measure a matmul here (CPU "MFU")
+
+    if args.get("variant"):
+        c.model.variant = str(args["variant"])
+    if args.get("runlocal"):
+        c.model.variant = recipe.get("local_variant", "mu/8")
+        c.model.in_chans = 6
+        c.model.decoder_depth = 1
+        c.model.decoder_width = 32
+        c.model.decoder_heads = 2
+        c.input.synthetic = "tiny"
+        c.input.crop = 32
+        c.input.global_batch = 16
+        c.total_steps = 200
+        c.optax.peak_lr = 1e-3  # a toy model on a toy screen learns visibly only with a larger step
+        c.mesh.shape = (-1, 1, 1)
+        c.checkpoint.every_steps = 50
+        c.checkpoint.keep = 2
+        c.log.every_steps = 10
+        c.log.recon_every_steps = 100
+    if args.get("steps"):
+        c.total_steps = int(args["steps"])
+    if args.get("batch"):
+        c.input.global_batch = int(args["batch"])
+    return c

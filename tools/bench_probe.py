@@ -1,0 +1,181 @@
+"""Cost of extracting every block's embedding in one pass, measured side by side in one run.
+
+    python tools/bench_probe.py                                   # ViT-S/16 at 128 px, batch 16, CPU
+    python tools/bench_probe.py --variant L/8 --img 256 --batch 64 --json bench_probe.json   # on an accelerator
+
+Three jitted programs on the same uint8 batch (self-standardisation included in each):
+
+- all blocks: `vitally_jax.probe` extractor, every block, CLS+norm and mean pooling (pooled inside the layer scan);
+- final block only: the same encoder run with no per-block pooling, pooled once after the last block;
+- truncated re-runs: the final-block-only program of the encoder cut to b blocks, for every b = 1..depth (what
+  a block sweep costs without the single pass).
+
+Each program is compiled first, then timed `--repeats` times in interleaved order; medians are reported.
+Targets: all-blocks / final-only <= 1.05; speed-up over truncated re-runs ~ (depth + 1) / 2.
+
+Then the linear probes: one standardised logistic regression per block on synthetic features of the encoder's
+width, the JAX probe (all blocks in one vmapped solve) against scikit-learn (block by block), time and accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variant", default="S/16", help="ViT variant string (vitally_jax.models.vit.vit_config)")
+    p.add_argument("--depth", type=int, default=None, help="override the variant's depth")
+    p.add_argument("--img", type=int, default=128, help="crop side in pixels")
+    p.add_argument("--channels", type=int, default=6)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default="bench_probe.json", help="where to write the results")
+    p.add_argument("--probe-samples", type=int, default=1000,
+                   help="linear-probe timing: samples per split (0 skips it)")
+    p.add_argument("--probe-classes", type=int, default=20)
+    return p.parse_args(argv)
+
+
+def _programs(encoder):
+    """(all_blocks(state, x), final_only(state, x, num_blocks)) jitted over split NNX state."""
+    import jax
+    from flax import nnx
+
+    from vitally_jax.models.preprocess import self_standardize
+    from vitally_jax.models.vit import run_stack
+
+    graphdef, state = nnx.split(encoder)
+
+    def final_only(state, images, num_blocks):
+        enc = nnx.merge(graphdef, state)
+        t = enc._with_cls(enc.embed_patches(self_standardize(images)))
+        t, _ = run_stack(enc.blocks, t, num=num_blocks, pool=None)
+        pooled = enc.pool(t)
+        return {"cls_norm": pooled["cls_norm"], "mean": pooled["mean"]}
+
+    return state, jax.jit(final_only, static_argnums=2)
+
+
+def _bench_probes(blocks: int, width: int, n: int, k: int) -> dict:
+    """Time the JAX probe (vmapped over blocks) and scikit-learn on the same (blocks, n, width) features."""
+    import numpy as np
+
+    from vitally_jax.linear_probe import JaxLogisticProbe, SklearnLogisticProbe, probe_scores
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(k, width))
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    scale = np.linspace(1.0, 4.0, blocks)[:, None, None]  # class separation grows with the block
+
+    def split():
+        y = rng.integers(0, k, n)
+        return (centers[y][None] * scale + rng.normal(size=(blocks, n, width))).astype(np.float32), y
+
+    (trx, try_), (tex, tey) = split(), split()
+    out = {}
+    for name, probe in (("jax", JaxLogisticProbe()), ("sklearn", SklearnLogisticProbe())):
+        t0 = time.perf_counter()
+        acc = probe_scores(trx, try_, tex, tey, probe=probe)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        probe_scores(trx, try_, tex, tey, probe=probe)
+        out[name] = {"first_s": first, "s": time.perf_counter() - t0, "balanced_accuracy": acc.tolist()}
+    diff = float(np.abs(np.array(out["jax"]["balanced_accuracy"]) - np.array(out["sklearn"]["balanced_accuracy"])).max())
+    print(f"\nlinear probes: {blocks} blocks x {n} train / {n} test samples x {width} features, {k} classes")
+    print(f"{'backend':<10}{'s (warm)':>10}{'s (first)':>11}{'mean bal. acc.':>16}")
+    for name in ("jax", "sklearn"):
+        r = out[name]
+        print(f"{name:<10}{r['s']:>10.2f}{r['first_s']:>11.2f}{np.mean(r['balanced_accuracy']):>16.4f}")
+    print(f"JAX / scikit-learn speed-up (warm): {out['sklearn']['s'] / out['jax']['s']:.2f}x; "
+          f"max |accuracy difference| over blocks: {diff:.4f}")
+    out["max_abs_accuracy_diff"] = diff
+    return out
+
+
+def main(argv=None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    import jax
+
+    cache = os.environ.get("VITALLY_JAX_CACHE", str(pathlib.Path.home() / ".cache" / "vitally_jax" / "jax_cc"))
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache)
+    import numpy as np
+    from flax import nnx
+
+    from vitally_jax.models.vit import ViTEncoder, vit_config
+    from vitally_jax.probe import make_extractor
+
+    over = dict(img_size=args.img, in_chans=args.channels)
+    if args.depth:
+        over["depth"] = args.depth
+    cfg = vit_config(args.variant, **over)
+    enc = ViTEncoder(cfg, rngs=nnx.Rngs(0))
+    depth = cfg.depth
+    images = jax.device_put(np.random.default_rng(0).integers(0, 256, (args.batch, args.img, args.img,
+                                                                         args.channels), dtype=np.uint8))
+    extractor = make_extractor(enc, pooling=("cls_norm", "mean"))
+    state, final_only = _programs(enc)
+
+    runs = {"all_blocks": lambda: extractor(images), "final_only": lambda: final_only(state, images, depth)}
+    for b in range(1, depth + 1):
+        runs[f"truncated_{b}"] = (lambda b=b: final_only(state, images, b))
+    compile_s = {}
+    for name, fn in runs.items():  # compile + warm up
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        compile_s[name] = time.perf_counter() - t0
+    # the single pass really returns every block, and its last block equals the final-only program
+    full = extractor(images)
+    ref = final_only(state, images, depth)
+    err = max(float(np.abs(np.asarray(full[p])[:, -1] - np.asarray(ref[p])).max()) for p in ("cls_norm", "mean"))
+
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(args.repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            t0 = time.perf_counter()
+            jax.block_until_ready(runs[name]())
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    best = {name: min(v) for name, v in times.items()}  # least disturbed by other work on a shared machine
+    truncated_total = sum(med[f"truncated_{b}"] for b in range(1, depth + 1))
+    ratio = med["all_blocks"] / med["final_only"]
+    speedup = truncated_total / med["all_blocks"]
+    ratio_min = best["all_blocks"] / best["final_only"]
+    speedup_min = sum(best[f"truncated_{b}"] for b in range(1, depth + 1)) / best["all_blocks"]
+
+    print(f"device: {jax.devices()[0].platform} x{jax.device_count()}  model: {args.variant} depth {depth} width "
+          f"{cfg.width}  batch {args.batch} x {args.img}x{args.img}x{args.channels}  repeats {args.repeats}")
+    print(f"{'program':<26}{'median s':>12}{'crops/s':>12}{'compile s':>12}")
+    for name in ("all_blocks", "final_only"):
+        print(f"{name:<26}{med[name]:>12.4f}{args.batch / med[name]:>12.1f}{compile_s[name]:>12.2f}")
+    print(f"{'truncated 1..' + str(depth) + ' (sum)':<26}{truncated_total:>12.4f}"
+          f"{args.batch / truncated_total:>12.1f}{sum(compile_s[f'truncated_{b}'] for b in range(1, depth + 1)):>12.2f}")
+    print(f"all blocks / final block only: {ratio:.3f} by medians, {ratio_min:.3f} by minima (target <= 1.05)")
+    print(f"speed-up over truncated re-runs per block: {speedup:.2f}x by medians, {speedup_min:.2f}x by minima "
+          f"(ideal (depth+1)/2 = {(depth + 1) / 2:.1f}x)")
+    print(f"max |single-pass last block - final-only| = {err:.2e}")
+    result = {"device": jax.devices()[0].platform, "device_count": jax.device_count(), "variant": args.variant,
+              "depth": depth, "width": cfg.width, "batch": args.batch, "img": args.img, "channels": args.channels,
+              "repeats": args.repeats, "median_s": med, "compile_s": compile_s, "truncated_total_s": truncated_total,
+              "all_over_final_ratio": ratio, "speedup_over_truncated": speedup,
+              "all_over_final_ratio_min": ratio_min, "speedup_over_truncated_min": speedup_min, "min_s": best, "max_abs_diff_last_block": err,
+              "times_s": times}
+    if args.probe_samples:
+        result["probe"] = _bench_probes(depth, cfg.width, args.probe_samples, args.probe_classes)
+    from vitally_jax.fileio import write_text
+
+    write_text(args.json, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""The synthetic Cell Painting screen: the embedded default world with known biology and batch effects.
+
+World model (all deterministic from `SyntheticConfig.seed`):
+
+- Genes are real symbols. Phenotype programs are real CORUM complexes (3..`max_complex_size` genes, chosen
+  without overlap): every gene of a complex shares the complex's random phenotype direction. Complexes are
+  grouped into pathways whose (weaker) direction is added to all their genes. Extra genes from the other
+  annotation tables have a private phenotype or none. A fraction of genes has no phenotype at all, and each
+  gene has its own strength; each guide of a gene has its own knockout efficiency.
+- Compounds hit 1-3 phenotypic genes with a potency (nM) per target; the phenotype at a concentration is the
+  targets' knockout phenotype times a Hill dose-response, plus off-target effects at high doses.
+- Experiments contain plates (96/384/1536 wells); each perturbation (guide, or compound at a concentration)
+  has `replicates` wells in different experiments; every plate has >= `control_fraction` negative-control wells
+  (and a few positive controls) at random positions.
+- Batch effects per experiment (and smaller per plate): per-channel gain and offset, illumination gradient and
+  vignetting, defocus blur, cell density and cell size; wells on the plate edge have fewer, brighter cells.
+
+`generate_screen(path, cfg)` writes a store (`store.py`) plus the ground truth: `genes.parquet`,
+`compound_targets.parquet` (RxRx3-core form: compound, gene, concentration in nM), `world_pairs.parquet`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import os
+import pathlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from vitally_jax.data.render import PHENOTYPE_DIM, Imaging, Renderer
+from vitally_jax.data.store import write_store
+from vitally_jax.errors import ConfigError
+from vitally_jax.fileio import atomic_path
+
+CHANNEL_NAMES = ("DNA", "ER", "Actin", "RNA", "Mito", "Golgi")
+PLATE_FORMATS = {96: (8, 12), 384: (16, 24), 1536: (32, 48)}
+NEGATIVE_CONTROL = "EMPTY"
+_RENDER_BATCH = 8
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Sizes, biology and batch-effect strengths of a synthetic screen (see the module docstring)."""
+
+    n_genes: int = 48
+    guides_per_gene: int = 2
+    n_compounds: int = 6
+    concentrations_nM: tuple[float, ...] = (30.0, 1000.0, 10000.0)
+    n_experiments: int = 4
+    replicates: int = 2  # wells per guide / compound-concentration, each in a different experiment
+    plates_per_experiment: int | None = None  # None: as many as the wells need
+    plate_format: int = 96
+    image_size: int = 64
+    cell_radius: float = 6.0  # pixels
+    cells_per_image: float = 14.0
+    control_fraction: float = 0.15  # negative-control wells per plate (>= 0.10)
+    positive_controls_per_plate: int = 2
+    complex_gene_fraction: float = 0.75  # share of genes drawn from CORUM complexes
+    max_complex_size: int = 8
+    complexes_per_pathway: int = 3
+    pathway_strength: float = 0.4  # pathway direction relative to the complex direction
+    no_phenotype_fraction: float = 0.2
+    strength_range: tuple[float, float] = (0.6, 1.5)
+    knockout_efficiency_range: tuple[float, float] = (0.4, 1.0)
+    phenotype_scale: float = 1.6  # norm of a program direction / sqrt(PHENOTYPE_DIM)
+    well_noise: float = 0.35  # biological well-to-well variation (phenotype units)
+    gain_sigma: float = 0.35  # log-normal per experiment and channel
+    offset_max: float = 16.0  # intensity units added per experiment and channel
+    illumination: float = 0.3  # max relative illumination gradient across the field
+    blur_max: float = 1.2  # max extra defocus sigma (pixels)
+    density_sigma: float = 0.25
+    size_sigma: float = 0.08
+    plate_jitter: float = 0.25  # plate effects relative to experiment effects
+    edge_effect: float = 0.15
+    seed: int = 0
+
+    def replace(self, **kw) -> "SyntheticConfig":
+        return dataclasses.replace(self, **kw)
+
+
+PRESETS = {
+    # tests: ~250 images of 64x64
+    "tiny": SyntheticConfig(),
+    # a CPU demo: ~2,600 wells at 128x128 in 6 experiments, ~20 CPU-seconds to generate
+    "demo": SyntheticConfig(n_genes=300, guides_per_gene=2, n_compounds=40, n_experiments=6, replicates=3,
+                            plate_format=384, image_size=128, cell_radius=10.0, cells_per_image=18.0),
+    # an accelerator-scale run: ~50k wells at 256x256 on 1536-well plates
+    "full": SyntheticConfig(n_genes=1500, guides_per_gene=4, n_compounds=400, n_experiments=12, replicates=6,
+                            concentrations_nM=(1.0, 10.0, 100.0, 1000.0, 3000.0, 10000.0),
+                            plate_format=1536, image_size=256, cell_radius=16.0, cells_per_image=28.0),
+}
+
+
+def preset(name: str, **overrides) -> SyntheticConfig:
+    """A named configuration ('tiny', 'demo', 'full') with optional field overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"synthetic preset {name!r} unknown; choose one of {', '.join(PRESETS)}")
+    try:
+        return PRESETS[name].replace(**overrides)
+    except TypeError as e:
+        raise ConfigError(f"synthetic preset {name!r}: {e}") from None
+
+
+def _check(cfg: SyntheticConfig) -> None:
+    if cfg.plate_format not in PLATE_FORMATS:
+        raise ConfigError(f"plate_format {cfg.plate_format} not one of {sorted(PLATE_FORMATS)}")
+    if not 0.10 <= cfg.control_fraction < 0.9:
+        raise ConfigError(f"control_fraction {cfg.control_fraction} must be in [0.10, 0.9)")
+    if not 1 <= cfg.replicates <= cfg.n_experiments:
+        raise ConfigError(f"replicates {cfg.replicates} must be in [1, n_experiments={cfg.n_experiments}]")
+    if cfg.n_genes < 4 or cfg.guides_per_gene < 1 or cfg.image_size < 16:
+        raise ConfigError("n_genes >= 4, guides_per_gene >= 1 and image_size >= 16 are required")
+
+
+# ----------------------------------------------------------------------------------------------- biology
+def _annotation_text(name: str) -> str:
+    return importlib.resources.files("vitally_jax.annotations").joinpath(name).read_text()
+
+
+def _complexes(max_size: int) -> list[tuple[str, list[str]]]:
+    out = []
+    for line in _annotation_text("CORUM_clusters.tsv").splitlines():
+        name, _, genes = line.partition("\t")
+        g = list(dict.fromkeys(genes.split()))
+        if 3 <= len(g) <= max_size:
+            out.append((name, g))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _all_symbols() -> list[str]:
+    syms: set[str] = set()
+    for f in ("CORUM.txt", "Reactome.txt", "SIGNOR.txt"):
+        df = pd.read_csv(importlib.resources.files("vitally_jax.annotations").joinpath(f))
+        syms.update(df.iloc[:, 0].astype(str))
+        syms.update(df.iloc[:, 1].astype(str))
+    return sorted(s for s in syms if s.isidentifier() or s.replace("-", "").isalnum())
+
+
+def make_biology(cfg: SyntheticConfig) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
+    """Genes and their knockout phenotypes.
+
+    Returns (genes table, phenotypes float32 (n_genes, PHENOTYPE_DIM) in table order, world pairs table).
+    genes columns: gene, complex, pathway, programs (';'-joined), strength, has_phenotype.
+    """
+    rng = np.random.default_rng((cfg.seed, 1))
+    complexes = _complexes(cfg.max_complex_size)
+    order = rng.permutation(len(complexes))
+    want = int(round(cfg.complex_gene_fraction * cfg.n_genes))
+    used: set[str] = set()
+    chosen: list[tuple[str, list[str]]] = []
+    for i in order:
+        name, g = complexes[i]
+        if used.intersection(g) or len(used) + len(g) > want:
+            continue
+        chosen.append((name, g))
+        used.update(g)
+        if len(used) >= want - 2:
+            break
+    others = [s for s in _all_symbols() if s not in used]  # cached list: do not modify
+    extra = [others[i] for i in rng.choice(len(others), cfg.n_genes - len(used), replace=False)]
+    scale = cfg.phenotype_scale * np.sqrt(PHENOTYPE_DIM)
+
+    def direction():
+        d = rng.standard_normal(PHENOTYPE_DIM)
+        return d / np.linalg.norm(d) * scale
+
+    n_path = max(1, int(np.ceil(len(chosen) / cfg.complexes_per_pathway)))
+    path_dirs = [direction() for _ in range(n_path)]
+    rows, pheno = [], []
+    for k, (name, g) in enumerate(chosen):
+        cdir, pw = direction(), k % n_path
+        for gene in g:
+            rows.append((gene, name, f"pathway_{pw:03d}"))
+            pheno.append(cdir + cfg.pathway_strength * path_dirs[pw] + 0.25 * direction())
+    for gene in extra:
+        rows.append((gene, "", ""))
+        pheno.append(direction())
+    genes = pd.DataFrame(rows, columns=["gene", "complex", "pathway"])
+    genes["programs"] = [";".join(p for p in (c, w) if p) for c, w in zip(genes.complex, genes.pathway)]
+    strength = rng.uniform(*cfg.strength_range, len(genes))
+    has = rng.random(len(genes)) >= cfg.no_phenotype_fraction
+    genes["strength"] = np.where(has, strength, 0.0)
+    genes["has_phenotype"] = has
+    pheno = (np.asarray(pheno) * genes["strength"].to_numpy()[:, None]).astype(np.float32)
+
+    pairs = []
+    complex_of = dict(zip(genes.gene, genes.complex))
+    for kind in ("complex", "pathway"):
+        for prog, grp in genes[genes[kind] != ""].groupby(kind):
+            members = sorted(grp.gene)
+            for i in range(len(members)):
+                for j in range(i + 1, len(members)):
+                    if kind == "pathway" and complex_of[members[i]] == complex_of[members[j]]:
+                        continue  # already a complex pair
+                    pairs.append((members[i], members[j], prog, kind))
+    world = pd.DataFrame(pairs, columns=["gene_a", "gene_b", "program", "kind"])
+    hp = dict(zip(genes.gene, genes.has_phenotype))
+    world["both_have_phenotype"] = [hp[a] and hp[b] for a, b in zip(world.gene_a, world.gene_b)]
+    return genes, pheno, world
+
+
+def make_compounds(cfg: SyntheticConfig, genes: pd.DataFrame, pheno: np.ndarray):
+    """Compounds with 1-3 targets. Returns (targets table compound/gene/concentration nM, list of
+    (compound, target row indices, potencies nM, off-target direction))."""
+    rng = np.random.default_rng((cfg.seed, 2))
+    active = np.flatnonzero(genes.has_phenotype.to_numpy())
+    table, comps = [], []
+    for k in range(cfg.n_compounds):
+        name = f"CPD{k + 1:04d}"
+        n_t = int(rng.integers(1, 4))
+        tgt = rng.choice(active, min(n_t, len(active)), replace=False)
+        potency = 10 ** rng.uniform(0.5, 4.5, len(tgt))  # 3 nM .. 30 uM
+        off = rng.standard_normal(PHENOTYPE_DIM) * 0.6
+        comps.append((name, tgt, potency, off))
+        for t, p in zip(tgt, potency):
+            table.append((name, genes.gene.iloc[t], float(p)))
+    return pd.DataFrame(table, columns=["compound", "gene", "concentration"]), comps
+
+
+def compound_phenotype(pheno: np.ndarray, targets, potency, off, conc: float) -> np.ndarray:
+    """Phenotype (PHENOTYPE_DIM,) of a compound at `conc` nM: Hill (n=1.5) response of each target's knockout
+    phenotype plus an off-target component that appears above ~10 uM."""
+    hill = conc**1.5 / (conc**1.5 + potency**1.5)
+    z = (hill[:, None] * pheno[targets]).sum(0) / np.sqrt(len(targets))
+    return (z + off * conc / (conc + 20000.0)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ layout
+def make_layout(cfg: SyntheticConfig, genes: pd.DataFrame, pheno: np.ndarray, comps) -> tuple[pd.DataFrame, np.ndarray]:
+    """All wells: (metadata in the store contract, mean phenotype per well float32 (N, PHENOTYPE_DIM))."""
+    rng = np.random.default_rng((cfg.seed, 3))
+    units = []  # (perturbation, type, guide_id, concentration, phenotype)
+    eff = rng.uniform(*cfg.knockout_efficiency_range, (len(genes), cfg.guides_per_gene))
+    for gi, gene in enumerate(genes.gene):
+        for j in range(cfg.guides_per_gene):
+            units.append((gene, "gene", f"{gene}_g{j + 1}", np.nan, eff[gi, j] * pheno[gi]))
+    for name, tgt, potency, off in comps:
+        for c in cfg.concentrations_nM:
+            units.append((name, "compound", "", float(c), compound_phenotype(pheno, tgt, potency, off, c)))
+    # replicate r of perturbation p (all its guides / concentrations) goes to experiment (offset_p + r) mod E:
+    # replicates never share an experiment, and a perturbation's wells share its experiments' batch effects
+    per_exp: list[list[int]] = [[] for _ in range(cfg.n_experiments)]
+    names = list(dict.fromkeys(u[0] for u in units))
+    offsets = dict(zip(names, rng.permutation(len(names)) % cfg.n_experiments))
+    for u, unit in enumerate(units):
+        for r in range(cfg.replicates):
+            per_exp[(offsets[unit[0]] + r) % cfg.n_experiments].append(u)
+    pos_dir = rng.standard_normal(PHENOTYPE_DIM)
+    pos_dir = (pos_dir / np.linalg.norm(pos_dir) * 2.5 * cfg.phenotype_scale * np.sqrt(PHENOTYPE_DIM))
+    n_rows, n_cols = PLATE_FORMATS[cfg.plate_format]
+    wells_per_plate = n_rows * n_cols
+    n_pos = cfg.positive_controls_per_plate
+    n_neg_full = int(np.ceil(cfg.control_fraction * wells_per_plate))
+    capacity = wells_per_plate - n_neg_full - n_pos
+    if capacity <= 0:
+        raise ConfigError(f"plate_format {cfg.plate_format} has no room for perturbations next to the controls")
+    records, z = [], []
+    for e, members in enumerate(per_exp):
+        members = [members[i] for i in rng.permutation(len(members))]
+        n_plates = int(np.ceil(len(members) / capacity))
+        if cfg.plates_per_experiment is not None:
+            if n_plates > cfg.plates_per_experiment:
+                raise ConfigError(f"experiment {e} needs {n_plates} plates of {cfg.plate_format} wells, more than "
+                                  f"plates_per_experiment={cfg.plates_per_experiment}")
+            n_plates = cfg.plates_per_experiment
+        exp = f"EXP{e + 1:02d}"
+        for p, chunk in enumerate(np.array_split(np.asarray(members, int), n_plates)):
+            plate = f"{exp}-P{p + 1}"
+            n_neg = max(int(np.ceil(cfg.control_fraction / (1 - cfg.control_fraction) * (len(chunk) + n_pos))), 1)
+            kinds = [("u", int(u)) for u in chunk] + [("neg", 0)] * n_neg + [("pos", 0)] * n_pos
+            wells = rng.choice(wells_per_plate, len(kinds), replace=False)
+            for (kind, u), w in sorted(zip(kinds, wells), key=lambda t: t[1]):
+                row, col = divmod(int(w), n_cols)
+                name = f"{chr(65 + row) if row < 26 else 'A' + chr(65 + row - 26)}{col + 1:02d}"
+                if kind == "u":
+                    pert, ptype, guide, conc, zz = units[u]
+                    rec = (pert, ptype, guide, conc, False, "")
+                elif kind == "neg":
+                    rec, zz = (NEGATIVE_CONTROL, "control", "", np.nan, True, "negative"), np.zeros(PHENOTYPE_DIM)
+                else:
+                    rec, zz = ("POSITIVE_CONTROL", "control", "", np.nan, True, "positive"), pos_dir
+                records.append((f"{plate}_{name}_s1", f"{plate}_{name}", plate, exp, row + 1, col + 1, 1) + rec)
+                z.append(zz)
+    cols = ["image_id", "well_id", "plate", "experiment", "well_row", "well_col", "site", "perturbation",
+            "perturbation_type", "guide_id", "concentration", "is_control", "control_type"]
+    return pd.DataFrame(records, columns=cols), np.asarray(z, np.float32)
+
+
+def make_imaging(cfg: SyntheticConfig, meta: pd.DataFrame) -> Imaging:
+    """Batch-effect parameters for every well (experiment effects, smaller plate effects, plate-edge effects)."""
+    rng = np.random.default_rng((cfg.seed, 4))
+    n_e = cfg.n_experiments
+    exp_idx = meta.experiment.str[3:].astype(int).to_numpy() - 1
+    plates, plate_idx = np.unique(meta.plate.to_numpy(), return_inverse=True)
+    j = cfg.plate_jitter
+
+    def per_exp_plate(sigma, shape=()):
+        return (sigma * rng.standard_normal((n_e, *shape)))[exp_idx] + \
+            (j * sigma * rng.standard_normal((len(plates), *shape)))[plate_idx]
+
+    n_rows, n_cols = PLATE_FORMATS[cfg.plate_format]
+    edge = ((meta.well_row == 1) | (meta.well_row == n_rows) | (meta.well_col == 1) |
+            (meta.well_col == n_cols)).to_numpy().astype(np.float32)
+    gain = np.exp(per_exp_plate(cfg.gain_sigma, (6,)) + cfg.edge_effect * edge[:, None])
+    offset = np.abs(rng.uniform(0, cfg.offset_max, (n_e, 6))[exp_idx] + per_exp_plate(cfg.offset_max * 0.1, (6,)))
+    grad_dir = rng.uniform(0, 2 * np.pi, n_e)[exp_idx]
+    grad_mag = rng.uniform(0, cfg.illumination, n_e)[exp_idx]
+    gradient = np.stack([np.cos(grad_dir), np.sin(grad_dir)], 1) * grad_mag[:, None]
+    vignette = rng.uniform(0, 0.5 * cfg.illumination, n_e)[exp_idx]
+    blur = rng.uniform(0, cfg.blur_max, n_e)[exp_idx]
+    density = np.exp(per_exp_plate(cfg.density_sigma) - 2 * cfg.edge_effect * edge)
+    size = np.exp(per_exp_plate(cfg.size_sigma))
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    return Imaging(f32(gain), f32(offset), f32(gradient), f32(vignette), f32(blur), f32(density), f32(size))
+
+
+# --------------------------------------------------------------------------------------------- rendering
+def _take(im: Imaging, sl: slice) -> Imaging:
+    return Imaging(*(getattr(im, f.name)[sl] for f in dataclasses.fields(Imaging)))
+
+
+def render_wells(cfg: SyntheticConfig, z: np.ndarray, imaging: Imaging, start: int = 0, stop: int | None = None,
+                 *, threads: int | None = None):
+    """Yield uint8 images (S, S, 6) of wells start..stop-1, in order.
+
+    Wells are drawn in fixed batches of `_RENDER_BATCH`; batch k uses the generator (seed, 5, k), so a well
+    renders identically whatever start/stop/threads. `threads` (default: CPU count, at most 4) render batches
+    concurrently; numpy releases the GIL in its array loops.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    stop = len(z) if stop is None else stop
+    rend = Renderer(cfg.image_size, cfg.cell_radius, cfg.cells_per_image, seed=cfg.seed)
+    rend.render(z[:1], _take(imaging, slice(0, 1)), np.random.default_rng(0))  # builds shared buffers once
+
+    def batch(b0: int) -> np.ndarray:
+        b1 = min(b0 + _RENDER_BATCH, len(z))
+        rng = np.random.default_rng((cfg.seed, 5, b0 // _RENDER_BATCH))
+        zb = z[b0:b1] + cfg.well_noise * rng.standard_normal(z[b0:b1].shape).astype(np.float32)
+        return rend.render(zb, _take(imaging, slice(b0, b1)), rng)
+
+    starts = list(range(start - start % _RENDER_BATCH, stop, _RENDER_BATCH))
+    threads = threads or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
+        pending = [pool.submit(batch, b0) for b0 in starts[:threads + 1]]
+        for k, b0 in enumerate(starts):
+            imgs = pending.pop(0).result()
+            if k + threads + 1 < len(starts):
+                pending.append(pool.submit(batch, starts[k + threads + 1]))
+            for i in range(max(b0, start), min(b0 + len(imgs), stop)):
+                yield imgs[i - b0]
+
+
+def build_world(cfg: SyntheticConfig):
+    """Everything but the pixels: (genes, phenotypes, world pairs, compound targets, metadata, well phenotypes,
+    imaging parameters)."""
+    _check(cfg)
+    genes, pheno, world = make_biology(cfg)
+    targets, comps = make_compounds(cfg, genes, pheno)
+    meta, z = make_layout(cfg, genes, pheno, comps)
+    return genes, pheno, world, targets, meta, z, make_imaging(cfg, meta)
+
+
+def generate_screen(path: str | os.PathLike, cfg: SyntheticConfig | str = "tiny") -> pathlib.Path:
+    """Generate a synthetic screen into the store folder `path` (atomically) and return the path.
+
+    Besides the store files, the folder gets genes.parquet, compound_targets.parquet and world_pairs.parquet.
+    """
+    if isinstance(cfg, str):
+        cfg = preset(cfg)
+    genes, _, world, targets, meta, z, imaging = build_world(cfg)
+    attrs = {"source": "synthetic", "generator": "vitally_jax.data.synthetic",
+             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}}
+    path = pathlib.Path(path)
+    with atomic_path(path, is_dir=True) as tmp:  # store and ground truth appear together or not at all
+        write_store(tmp, render_wells(cfg, z, imaging), meta, CHANNEL_NAMES, attrs)
+        genes.to_parquet(tmp / "genes.parquet", index=False)
+        targets.to_parquet(tmp / "compound_targets.parquet", index=False)
+        world.to_parquet(tmp / "world_pairs.parquet", index=False)
+    return path

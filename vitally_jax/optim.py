@@ -1,0 +1,109 @@
+"""The paper's optimiser: Lion with a one-cycle cosine schedule (PyTorch `OneCycleLR` semantics).
+
+Lion (optax.lion): p <- p * (1 - lr * wd) - lr * sign(b1 * m + (1 - b1) * g); m <- b2 * m + (1 - b2) * g.
+The reference recipe drives it with PyTorch's `OneCycleLR(anneal_strategy='cos', three_phase=False)`:
+
+- phase 1, steps 0 .. pct_start * T - 1: lr goes from peak / div_factor up to peak (cosine);
+- phase 2, up to step T - 1: lr goes from peak down to peak / div_factor / final_div_factor (cosine);
+- with `cycle_momentum`, b1 moves inversely: max_momentum -> base_momentum in phase 1, back in phase 2.
+
+Optimiser step k (0-based) uses `lr(k)`, as PyTorch does when `scheduler.step()` follows `optimizer.step()`.
+
+Usage::
+
+    tx, schedules = make_optimizer(config.optax, total_steps=config.total_steps)
+    lr_at_step_10 = schedules["lr"](10)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vitally_jax.errors import ConfigError
+
+Schedule = Callable[[jax.Array | int], jax.Array]
+
+
+def _cos_anneal(start: float, end: float, remaining: jax.Array) -> jax.Array:
+    """PyTorch `_annealing_cos` at pct = 1 - remaining: end + (start - end) / 2 * (1 + cos(pi * pct)).
+
+    Computed as end + (start - end) * sin(pi * remaining / 2)**2 (the same value) with `remaining` measured
+    from the phase end, which keeps float32 accurate near the end of the schedule where the lr is 1e4 times
+    smaller than its peak.
+    """
+    return end + (start - end) * jnp.square(jnp.sin(0.5 * jnp.pi * remaining))
+
+
+def _one_cycle(start: float, mid: float, end: float, total_steps: int, pct_start: float) -> Schedule:
+    """Two cosine phases start -> mid -> end, phase boundaries as in PyTorch OneCycleLR."""
+    if total_steps < 2:
+        raise ConfigError(f"total_steps: expected >= 2 for a one-cycle schedule, got {total_steps}")
+    if not 0.0 < pct_start < 1.0:
+        raise ConfigError(f"optax.pct_start: expected a fraction in (0, 1), got {pct_start}")
+    end1 = float(pct_start * total_steps) - 1.0
+    end2 = float(total_steps - 1)
+    if end1 <= 0.0 or end2 <= end1:
+        raise ConfigError(
+            f"optax.pct_start={pct_start} with total_steps={total_steps}: the warm-up must span at least 2 steps "
+            "and leave at least one step of decay")
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.float32)
+        rem1 = jnp.clip((end1 - s) / end1, 0.0, 1.0)
+        rem2 = jnp.clip((end2 - s) / (end2 - end1), 0.0, 1.0)
+        return jnp.where(s <= end1, _cos_anneal(start, mid, rem1), _cos_anneal(mid, end, rem2))
+
+    return schedule
+
+
+def one_cycle_lr(peak: float, total_steps: int, *, pct_start: float = 0.1, div_factor: float = 25.0,
+                 final_div_factor: float = 1e4) -> Schedule:
+    """Learning rate of PyTorch OneCycleLR (cosine, two phases) as a function of the optimiser step."""
+    initial = peak / div_factor
+    return _one_cycle(initial, peak, initial / final_div_factor, total_steps, pct_start)
+
+
+def one_cycle_b1(total_steps: int, *, pct_start: float = 0.1, base_momentum: float = 0.85,
+                 max_momentum: float = 0.95) -> Schedule:
+    """b1 of PyTorch OneCycleLR with `cycle_momentum=True`: max -> base during warm-up, base -> max after."""
+    return _one_cycle(max_momentum, base_momentum, max_momentum, total_steps, pct_start)
+
+
+def _decay_mask(params):
+    """Weight decay only on matrices (ndim >= 2), not on biases, norms, LayerScale, CLS token."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, dict[str, Schedule]]:
+    """Build the optax transform from the `optax` config section.
+
+    Keys used: name ("lion"), peak_lr, b1, b2, weight_decay, decay_1d (bool: also decay vectors),
+    pct_start, div_factor, final_div_factor, cycle_momentum, base_momentum, max_momentum, grad_clip_norm
+    (None = no clipping), mu_dtype (None or a dtype name).
+
+    Returns the transform and `{"lr": schedule, "b1": schedule}` for logging (b1 constant unless cycled).
+    """
+    if cfg.name != "lion":
+        raise ConfigError(f"optax.name: expected 'lion' (the paper's optimiser), got {cfg.name!r}")
+    lr = one_cycle_lr(cfg.peak_lr, total_steps, pct_start=cfg.pct_start, div_factor=cfg.div_factor,
+                      final_div_factor=cfg.final_div_factor)
+    if cfg.cycle_momentum:
+        b1 = one_cycle_b1(total_steps, pct_start=cfg.pct_start, base_momentum=cfg.base_momentum,
+                          max_momentum=cfg.max_momentum)
+    else:
+        b1_const = float(cfg.b1)
+        b1 = lambda step: jnp.full((), b1_const, jnp.float32)  # noqa: E731
+    lion = optax.inject_hyperparams(optax.lion, static_args=("mask", "mu_dtype"))(
+        learning_rate=lr, b1=b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+        mask=None if cfg.decay_1d else _decay_mask,
+        mu_dtype=None if cfg.mu_dtype is None else jnp.dtype(cfg.mu_dtype))
+    parts = []
+    if cfg.grad_clip_norm is not None:
+        if cfg.grad_clip_norm <= 0:
+            raise ConfigError(f"optax.grad_clip_norm: expected a positive number or None, got {cfg.grad_clip_norm}")
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+    parts.append(lion)
+    return optax.chain(*parts), {"lr": lr, "b1": b1}

@@ -1,0 +1,196 @@
+"""Every block's pooled embedding in one jitted forward pass.
+
+The encoder's layer scan pools every block's output as it goes (CLS token and mean of patch tokens, each with and
+without the final LayerNorm), so one pass yields all blocks while memory stays O(blocks x batch x width): full token
+activations are never kept. This module wraps that pass in a separately jitted function over split NNX state:
+
+    (state, images uint8 (B, H, W, C)) -> {pooling: (B, nb, D) float32}
+
+with self-standardisation on the device, the batch sharded over the mesh's ('data', 'fsdp') axes, and a block
+subset (the pass runs up to the deepest requested block only).
+
+Blocks are numbered from 1: block b is the output after b transformer blocks, the same as the encoder truncated to
+b blocks (`num_blocks=b`), and b = depth is the final block.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vitally_jax.errors import ConfigError, DataError
+
+POOLINGS = ("cls", "cls_norm", "mean", "mean_norm")
+DEFAULT_POOLING = ("cls_norm", "mean")
+
+
+def encoder_depth(encoder) -> int:
+    """Number of transformer blocks of an encoder."""
+    return int(encoder.cfg.depth)
+
+
+def select_blocks(blocks: Iterable[int] | None, depth: int) -> tuple[int, ...]:
+    """Validated, sorted, unique 1-based block numbers; None means every block 1..depth."""
+    if blocks is None:
+        return tuple(range(1, depth + 1))
+    out = sorted({int(b) for b in blocks})
+    if not out or out[0] < 1 or out[-1] > depth:
+        raise ConfigError(f"blocks: expected block numbers in 1..{depth}, got {list(blocks)}")
+    return tuple(out)
+
+
+def select_poolings(pooling: str | Sequence[str]) -> tuple[str, ...]:
+    """Validated pooling names (a single name or a sequence)."""
+    names = (pooling,) if isinstance(pooling, str) else tuple(pooling)
+    bad = [p for p in names if p not in POOLINGS]
+    if bad or not names:
+        raise ConfigError(f"pooling: expected names from {POOLINGS}, got {list(names)}")
+    return tuple(dict.fromkeys(names))
+
+
+def _forward(graphdef, state, images, *, blocks: tuple[int, ...], poolings: tuple[str, ...]):
+    """images uint8 (B, H, W, C) -> {pooling: (B, len(blocks), D)} float32."""
+    from vitally_jax.models.preprocess import self_standardize
+
+    encoder = nnx.merge(graphdef, state)
+    x = self_standardize(images)
+    out = encoder(x, num_blocks=max(blocks))
+    idx = np.asarray(blocks, dtype=np.int32) - 1
+    contiguous = tuple(idx) == tuple(range(max(blocks)))
+    return {p: (out["blocks"][p] if contiguous else out["blocks"][p][:, idx]).astype(jnp.float32) for p in poolings}
+
+
+_forward_jit = jax.jit(_forward, static_argnames=("graphdef", "blocks", "poolings"))
+
+
+@dataclasses.dataclass
+class BlockExtractor:
+    """A jitted every-block embedding function bound to one encoder's state.
+
+    `extractor(images)` maps a uint8 batch (B, H, W, C) to {pooling: (B, nb, D)} jax arrays.
+    B must be a multiple of `batch_multiple` (the mesh's data x fsdp size) when a mesh is given.
+    """
+
+    graphdef: object
+    state: object
+    blocks: tuple[int, ...]
+    poolings: tuple[str, ...]
+    mesh: jax.sharding.Mesh | None = None
+
+    @property
+    def batch_multiple(self) -> int:
+        if self.mesh is None:
+            return 1
+        shape = dict(self.mesh.shape)
+        return int(shape.get("data", 1) * shape.get("fsdp", 1))
+
+    def __call__(self, images) -> dict[str, jax.Array]:
+        if self.mesh is None:
+            return _forward_jit(self.graphdef, self.state, images, blocks=self.blocks, poolings=self.poolings)
+        from vitally_jax.sharding import batch_sharding
+
+        images = jax.device_put(images, batch_sharding(self.mesh))
+        with jax.set_mesh(self.mesh):
+            return _forward_jit(self.graphdef, self.state, images, blocks=self.blocks, poolings=self.poolings)
+
+
+def make_extractor(encoder, *, blocks: Iterable[int] | None = None, pooling: str | Sequence[str] = DEFAULT_POOLING,
+                   mesh: jax.sharding.Mesh | None = None) -> BlockExtractor:
+    """Split `encoder` and bind the jitted per-block function.
+
+    With a mesh, parameters not yet placed on it are sharded by `vitally_jax.sharding.param_shardings`.
+    """
+    blocks_t = select_blocks(blocks, encoder_depth(encoder))
+    poolings = select_poolings(pooling)
+    graphdef, state = nnx.split(encoder)
+    if mesh is not None:
+        from vitally_jax.sharding import param_shardings
+
+        def place(a, sh):
+            cur = getattr(a, "sharding", None)
+            on_mesh = isinstance(cur, jax.sharding.NamedSharding) and cur.mesh == mesh
+            return a if on_mesh else jax.device_put(a, sh)
+
+        state = jax.tree.map(place, state, param_shardings(state, mesh))
+    return BlockExtractor(graphdef, state, blocks_t, poolings, mesh)
+
+
+def _check_images(images) -> np.ndarray:
+    if images.ndim != 4:
+        raise DataError(f"images: expected a (N, H, W, C) array, got shape {tuple(images.shape)}")
+    if images.dtype != np.uint8:
+        raise DataError(f"images: expected dtype uint8 (raw pixels), got {images.dtype}")
+    return images
+
+
+def padded_step(extractor: BlockExtractor, batch_size: int) -> int:
+    """`batch_size` rounded up to a multiple of the extractor's mesh batch size."""
+    m = extractor.batch_multiple
+    return int(math.ceil(max(1, int(batch_size)) / m) * m)
+
+
+def run_padded(extractor: BlockExtractor, batch: np.ndarray, step: int) -> dict[str, np.ndarray]:
+    """One batch (b <= step, H, W, C) uint8, padded with zero images to `step` rows -> {pooling: (b, nb, D)}."""
+    real = batch.shape[0]
+    if real < step:
+        batch = np.concatenate([batch, np.zeros((step - real,) + batch.shape[1:], np.uint8)])
+    out = extractor(batch)
+    return {p: np.asarray(out[p])[:real] for p in extractor.poolings}
+
+
+def embed_batches(extractor: BlockExtractor, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """Run `extractor` over images (N, H, W, C) uint8 in fixed-size batches -> {pooling: (N, nb, D) float32}.
+
+    The last batch is padded to the batch size (one compiled shape); padded rows are dropped.
+    """
+    images = _check_images(images)
+    if images.shape[0] == 0:
+        raise DataError("images: got an empty array (N = 0)")
+    step = padded_step(extractor, batch_size)
+    parts: dict[str, list[np.ndarray]] = {p: [] for p in extractor.poolings}
+    for start in range(0, images.shape[0], step):
+        out = run_padded(extractor, np.asarray(images[start:start + step]), step)
+        for p in extractor.poolings:
+            parts[p].append(out[p])
+    return {p: np.concatenate(v, axis=0) for p, v in parts.items()}
+
+
+def embed(encoder, images, *, blocks: Iterable[int] | None = None, pooling: str | Sequence[str] = DEFAULT_POOLING,
+          batch_size: int = 64, mesh: jax.sharding.Mesh | None = None) -> dict[str, np.ndarray]:
+    """Pooled embeddings of every requested block for a stack of crops, in one forward pass per batch.
+
+    Args:
+      encoder: a `ViTEncoder` (NNX module).
+      images: (N, H, W, C) uint8 crops at the encoder's input size.
+      blocks: 1-based block numbers (default: all blocks 1..depth).
+      pooling: names from `POOLINGS`: 'cls', 'cls_norm', 'mean', 'mean_norm'.
+      batch_size: crops per forward pass (rounded up to a multiple of the mesh's data x fsdp size).
+      mesh: optional mesh; the batch is sharded over ('data', 'fsdp').
+
+    Returns:
+      {pooling: (N, len(blocks), D) float32 numpy array}; entry [:, i] is block `sorted(blocks)[i]`.
+    """
+    extractor = make_extractor(encoder, blocks=blocks, pooling=pooling, mesh=mesh)
+    return embed_batches(extractor, np.asarray(images), batch_size)
+
+
+
+def trim_encoder(encoder, num_blocks: int):
+    """The encoder cut to its first `num_blocks` blocks (final LayerNorm kept): a new module with depth b.
+
+    Its every-block outputs equal the first b blocks of the full encoder; its final block equals block b.
+    """
+    from vitally_jax.checkpoint import trim_encoder_state
+
+    depth = encoder_depth(encoder)
+    if not 1 <= int(num_blocks) <= depth:
+        raise ConfigError(f"trim: expected a block number in 1..{depth}, got {num_blocks}")
+    cfg = dataclasses.replace(encoder.cfg, depth=int(num_blocks))
+    abstract = nnx.eval_shape(lambda: type(encoder)(cfg, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+    return nnx.merge(graphdef, trim_encoder_state(nnx.state(encoder), depth, int(num_blocks)))

@@ -1,0 +1,407 @@
+"""MAE pretraining: one linear `train_and_evaluate(config, workdir)`, read top to bottom.
+
+Sections: logging, mesh, input, model, sharding, update step, checkpoint, loop. The update step is a functional
+`jax.jit` over the split NNX state of (model, optimizer) with pinned in/out shardings and donation: it compiles
+once. Randomness per step is `fold_in(seed_key, step)`, so a run resumed from a checkpoint continues exactly as
+an uninterrupted one. The small builders above `train_and_evaluate` are shared with `tools/aot_memory.py`, which
+compiles the same step ahead of time for pod-scale memory planning.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vitally_jax import checkpoint as ckpt
+from vitally_jax import flops as flops_lib
+from vitally_jax import metrics_io, optim, sharding
+from vitally_jax.errors import ConfigError, TrainingDivergedError
+
+log = logging.getLogger("vitally_jax.train")
+
+# Compile counter: jax reports every lowering of a jitted function (cache misses only) with its name.
+_LOWERINGS: collections.Counter = collections.Counter()
+
+
+def _count_lowerings(event: str, duration: float, **kw) -> None:
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+        _LOWERINGS[kw.get("fun_name")] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_lowerings)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Builders (shared with tools/aot_memory.py)
+# ------------------------------------------------------------------------------------------------------------
+
+def model_config(config):
+    """`MAEConfig` from the config's `model` and `input` sections."""
+    from vitally_jax.models.mae import mae_config
+
+    m = config.model
+    overrides = dict(img_size=config.input.crop, in_chans=m.in_chans, drop_path_rate=m.drop_path_rate,
+                     dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl, mask_ratio=m.mask_ratio,
+                     fourier_weight=m.fourier_weight, fourier=m.fourier)
+    for k in ("decoder_depth", "decoder_width", "decoder_heads"):
+        if m[k] is not None:
+            overrides[k] = m[k]
+    if m.variant.startswith("CA-"):
+        overrides["decoder_channels"] = m.in_chans  # one decoder stack per training channel
+    return mae_config(m.variant, **overrides)
+
+
+def build_abstract(config, mae_cfg, mesh):
+    """Abstract (model, optimizer) -> (graphdef, abstract state, state shardings, schedules)."""
+    from vitally_jax.models.mae import MAE
+
+    tx, schedules = optim.make_optimizer(config.optax, config.total_steps)
+
+    def create():
+        model = MAE(mae_cfg, rngs=nnx.Rngs(config.seed))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    graphdef, abs_state = nnx.split(nnx.eval_shape(create))
+    rules = None if config.mesh.rules is None else tuple((r, tuple(s)) for r, s in config.mesh.rules)
+    state_sh = sharding.param_shardings(abs_state, mesh, rules)
+    return graphdef, abs_state, state_sh, schedules, create
+
+
+def num_tokens(mae_cfg) -> int:
+    """Patch tokens per image (the masking noise length L)."""
+    return mae_cfg.encoder.num_patches
+
+
+def make_train_step(graphdef, mae_cfg, schedules, *, use_drop_path: bool):
+    """The pure update: (state, batch {'image': uint8 (B,H,W,C)}, seed_key) -> (state, metrics)."""
+    from vitally_jax.models.preprocess import self_standardize
+
+    n_tok = num_tokens(mae_cfg)
+
+    def train_step(state, batch, seed_key):
+        model, opt = nnx.merge(graphdef, state)
+        step = opt.step[...]
+        k_noise, k_drop = jax.random.split(jax.random.fold_in(seed_key, step))
+        x = sharding.constrain_batch(self_standardize(batch["image"]))
+        noise = jax.random.uniform(k_noise, (x.shape[0], n_tok), jnp.float32)
+
+        def loss_fn(m):
+            out = m(x, noise=noise, drop_key=k_drop if use_drop_path else None)
+            return out["loss"], out
+
+        (loss, out), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        opt.update(model, grads)
+        gnorm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "loss_rec": out["loss_rec"], "loss_fourier": out["loss_fourier"],
+                   "grad_norm": gnorm, "lr": schedules["lr"](step), "b1": schedules["b1"](step),
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(gnorm)}
+        return nnx.state((model, opt)), metrics
+
+    return train_step
+
+
+def jit_train_step(train_step, state_sh, mesh):
+    """jit with pinned shardings: state as `state_sh`, batch over ('data','fsdp'), key and metrics replicated."""
+    rep = NamedSharding(mesh, P())
+    batch_sh = {"image": sharding.batch_sharding(mesh)}
+    return jax.jit(train_step, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+                   donate_argnums=0)
+
+
+def _meta(config, step: int, mesh) -> dict:
+    return {"step": int(step), "config": config.to_dict(), "mesh": dict(mesh.shape),
+            "process_count": jax.process_count(), "versions": ckpt.versions()}
+
+
+def _split_state(state):
+    return state[0], state[1]
+
+
+def _join_state(abs_state, model_state, opt_state):
+    state = jax.tree.map(lambda x: x, abs_state)  # a fresh container of the same structure
+    state[0], state[1] = model_state, opt_state
+    return state
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
+    """Train (or resume) the MAE described by `config` in `workdir`.
+
+    Returns a summary: {'step', 'metrics' (last logged), 'compiles', 'stopped' ('done'|'signal'|'budget')}.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    _check_config(config)
+    # ---------------------------------------------------------------------------------------- logging -----
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+    writer = metrics_io.MetricWriter(workdir, enabled=is_main, tensorboard=config.log.tensorboard)
+    progress = metrics_io.Progress(config.total_steps)
+    log.info("devices: %d (%d local), processes: %d", jax.device_count(), jax.local_device_count(),
+             jax.process_count())
+
+    # ---------------------------------------------------------------------------------------- mesh --------
+    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    log.info("mesh: %s", dict(mesh.shape))
+
+    # ---------------------------------------------------------------------------------------- input -------
+    from vitally_jax.data import pipeline
+
+    store_path = _resolve_store(config, workdir)
+    if config.input.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ConfigError(f"input.global_batch {config.input.global_batch}: must be divisible by the mesh's "
+                          f"data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} devices")
+    dataset = pipeline.train_dataset(store_path, crop=config.input.crop, global_batch=config.input.global_batch,
+                                     seed=config.seed, index=config.input.index, flips=config.input.flips,
+                                     rot90=config.input.rot90)
+    data_iter = iter(pipeline.global_batches(dataset, mesh))
+    channel_names = list(pipeline.ImageStore.open(store_path).channel_names)
+
+    # ---------------------------------------------------------------------------------------- model -------
+    mae_cfg = model_config(config)
+    graphdef, abs_state, state_sh, schedules, create = build_abstract(config, mae_cfg, mesh)
+    flops_per_image = _train_flops(mae_cfg)
+
+    # ---------------------------------------------------------------------------------------- sharding ----
+    init_state = jax.jit(lambda: nnx.split(create())[1], out_shardings=state_sh)  # run only for a fresh start
+    seed_key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=NamedSharding(mesh, P()))()
+
+    # ---------------------------------------------------------------------------------------- update step -
+    train_step = jit_train_step(make_train_step(graphdef, mae_cfg, schedules,
+                                                use_drop_path=mae_cfg.encoder.drop_path_rate > 0),
+                                state_sh, mesh)
+
+    # ---------------------------------------------------------------------------------------- checkpoint --
+    manager = ckpt.make_manager(workdir / "checkpoints", keep=config.checkpoint.keep,
+                                async_save=config.checkpoint.async_save)
+    restored = None
+    if manager.latest_step() is not None:  # newest usable checkpoint; damaged newer ones are skipped with a warning
+        abs_model = ckpt.abstract_like(abs_state[0], state_sh[0])
+        abs_opt = ckpt.abstract_like(abs_state[1], state_sh[1])
+        with jax.set_mesh(mesh):
+            restored = ckpt.restore_latest(manager, abs_model, abs_opt, data_iter)
+    start = 0
+    if restored is None:
+        with jax.set_mesh(mesh):
+            state = init_state()
+    else:
+        start, m_state, o_state, meta = restored
+        state = _join_state(abs_state, m_state, o_state)
+        if not meta["data_restored"]:
+            log.warning("checkpoint written by %s processes: data stream restarts from its seed",
+                        meta.get("process_count"))
+        writer.truncate_after(start)
+        log.info("resumed from step %d", start)
+    stop_requested = {"flag": False}
+
+    def _on_sigterm(signum, frame):
+        stop_requested["flag"] = True
+
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+
+    # ---------------------------------------------------------------------------------------- loop --------
+    peak = config.log.peak_flops_per_device or flops_lib.measure_matmul_flops()
+    step, last, stopped = start, {}, "done"
+    budget_end = config.total_steps if config.stop_after_steps is None else min(
+        config.total_steps, start + config.stop_after_steps)
+    finite_acc = jnp.asarray(True)
+    recon_batch, recon_fn = None, None
+    t_last, s_last = time.perf_counter(), start
+    progress.start(start)
+    lowerings_before = _LOWERINGS["jit(train_step)"]
+    step_fn = None
+    try:
+        with jax.set_mesh(mesh):
+            while step < budget_end:
+                batch = next(data_iter)
+                if recon_batch is None and config.log.recon_every_steps:
+                    recon_batch = {"image": batch["image"][: config.log.recon_images]}
+                if step_fn is None:  # compile once, then meet: processes start stepping together
+                    step_fn = train_step.lower(state, batch, seed_key).compile()
+                    _barrier("train_step compiled")
+                state, metrics = step_fn(state, batch, seed_key)
+                finite_acc = finite_acc & metrics["finite"]
+                step += 1
+                due_log = step % config.log.every_steps == 0 or step in (start + 1, budget_end)
+                due_ckpt = step % config.checkpoint.every_steps == 0 or step == budget_end
+                if _preempted(stop_requested["flag"]):
+                    due_ckpt, stopped = True, "signal"
+                if due_log or due_ckpt:
+                    host = {k: _local(v) for k, v in metrics.items()}
+                    if not bool(_local(finite_acc)):
+                        raise TrainingDivergedError(
+                            f"non-finite loss or gradient by step {step} (loss {float(host['loss'])}); the last "
+                            f"good checkpoint in {workdir / 'checkpoints'} (step {manager.latest_step()}) is "
+                            "intact: lower optax.peak_lr or set optax.grad_clip_norm")
+                if due_log:
+                    last = {k: float(v) for k, v in host.items() if k != "finite"}
+                    now = time.perf_counter()
+                    if step > start + 1:  # the first step of a run includes compilation: no throughput for it
+                        ips = (step - s_last) * config.input.global_batch / max(now - t_last, 1e-9)
+                        last.update({"images_per_s": ips, "tokens_per_s": ips * num_tokens(mae_cfg),
+                                     "mfu": ips * flops_per_image / (peak * jax.device_count())})
+                    else:
+                        progress.start(step)
+                    t_last, s_last = now, step
+                    writer.write(step, last)
+                    if is_main:
+                        progress.print(step, {k: last[k] for k in ("loss", "lr", "grad_norm", "images_per_s")
+                                              if k in last})
+                if config.log.recon_every_steps and step % config.log.recon_every_steps == 0:
+                    if recon_fn is None:
+                        recon_fn = make_recon_fn(graphdef, mae_cfg, config.seed)
+                    _reconstruction_png(recon_fn, state, recon_batch, mae_cfg, step, workdir, is_main, channel_names)
+                if due_ckpt:
+                    m_state, o_state = _split_state(state)
+                    ckpt.save(manager, step, m_state, o_state, data_iter, _meta(config, step, mesh),
+                              force=True)
+                if stopped == "signal":
+                    break
+        if stopped != "signal" and step < config.total_steps:
+            stopped = "budget"
+        manager.wait_until_finished()
+        if config.checkpoint.export_encoder and step >= config.total_steps:
+            model, _ = nnx.merge(graphdef, state)
+            ckpt.export_encoder(workdir / "encoder", nnx.state(model.encoder), mae_cfg.encoder)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    return {"step": step, "metrics": last, "compiles": _LOWERINGS["jit(train_step)"] - lowerings_before,
+            "stopped": stopped,
+            "state": state, "graphdef": graphdef, "mae_config": mae_cfg, "mesh": mesh}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Helpers of the loop
+# ------------------------------------------------------------------------------------------------------------
+
+def _check_config(config) -> None:
+    for key, value in (("log.every_steps", config.log.every_steps),
+                       ("checkpoint.every_steps", config.checkpoint.every_steps),
+                       ("checkpoint.keep", config.checkpoint.keep), ("total_steps", config.total_steps)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+    if config.stop_after_steps is not None and config.stop_after_steps < 1:
+        raise ConfigError(f"stop_after_steps: expected None or a positive integer, got {config.stop_after_steps!r}")
+    if config.log.recon_every_steps is not None and config.log.recon_every_steps < 1:
+        raise ConfigError(f"log.recon_every_steps: expected None or a positive integer, "
+                          f"got {config.log.recon_every_steps!r}")
+
+
+def _barrier(name: str, timeout_s: int = 3600) -> None:
+    """All processes wait here (coordination-service barrier: no collectives, a long timeout).
+
+    Gloo gives the first collective of a program only 30 s for every process to arrive; compile times differ
+    between hosts by more than that, so processes meet here after compiling.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    _LOWERINGS["barrier:" + name] += 1  # barrier ids must be unique within a job
+    distributed.global_state.client.wait_at_barrier(f"{name}#{_LOWERINGS['barrier:' + name]}", timeout_s * 1000)
+
+
+def _local(x: jax.Array) -> np.ndarray:
+    """Host value of a replicated (possibly multi-process) array."""
+    return np.asarray(x.addressable_data(0))
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _preempted(local_flag: bool) -> bool:
+    """True on every process when any process got SIGTERM (one tiny all-gather per step when multi-process)."""
+    if jax.process_count() == 1:
+        return local_flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(local_flag))))
+
+
+def _resolve_store(config, workdir: pathlib.Path) -> pathlib.Path:
+    """The configured store, or a synthetic screen generated once into WORKDIR/synthetic."""
+    if config.input.store is not None:
+        return pathlib.Path(config.input.store)
+    if config.input.synthetic is None:
+        raise ConfigError("input.store: no image store configured (set input.store, or input.synthetic='tiny')")
+    from jax.experimental import multihost_utils
+
+    from vitally_jax.data import synthetic
+
+    path = workdir / "synthetic"
+    if jax.process_index() == 0 and not (path / "store.json").exists():
+        log.info("generating the synthetic screen %r into %s", config.input.synthetic, path)
+        synthetic.generate_screen(path, synthetic.preset(config.input.synthetic))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("synthetic store ready")
+    return path
+
+
+def _train_flops(mae_cfg) -> float:
+    e = mae_cfg.encoder
+    return flops_lib.mae_train_flops_per_image(
+        num_patches=e.num_patches, mask_ratio=mae_cfg.mask_ratio, width=e.width, depth=e.depth, mlp=e.mlp_dim,
+        patch=e.patch_size, in_chans=e.in_chans, dec_width=mae_cfg.decoder_width, dec_depth=mae_cfg.decoder_depth,
+        dec_mlp=mae_cfg.decoder_width * 4, channel_agnostic=e.channel_agnostic)
+
+
+def make_recon_fn(graphdef, mae_cfg, seed: int):
+    """Jitted (state, uint8 images) -> (standardised images, prediction, mask) with a fixed masking noise."""
+    from vitally_jax.models.preprocess import self_standardize
+
+    def recon(state, images):
+        model, _ = nnx.merge(graphdef, state)
+        x = self_standardize(images)
+        noise = jax.random.uniform(jax.random.key(seed + 1), (x.shape[0], num_tokens(mae_cfg)))
+        out = model(x, noise=noise)
+        return x, out["pred"], out["mask"]
+
+    return jax.jit(recon)
+
+
+def _reconstruction_png(recon_fn, state, batch, mae_cfg, step, workdir, is_main, channel_names=None):
+    """Original / masked / reconstruction per channel for a few fixed training crops."""
+    from jax.experimental import multihost_utils
+
+    from vitally_jax.models.layers import unpatchify
+
+    x, pred, mask = recon_fn(state, batch["image"])
+    x, pred, mask = (multihost_utils.process_allgather(a, tiled=True) if not a.is_fully_addressable else a
+                     for a in (x, pred, mask))
+    if not is_main:
+        return
+    x, pred, mask = np.asarray(x), np.asarray(pred), np.asarray(mask)
+    e = mae_cfg.encoder
+    b, h, w, c = x.shape
+    g = (h // e.patch_size, w // e.patch_size)
+    if e.channel_agnostic:
+        rec = np.concatenate([np.asarray(unpatchify(pred[:, i * g[0] * g[1]:(i + 1) * g[0] * g[1]], e.patch_size, g, 1))
+                              for i in range(c)], axis=-1)
+        m = mask.reshape(b, c, g[0], g[1]).transpose(0, 2, 3, 1)
+        m = np.repeat(np.repeat(m, e.patch_size, 1), e.patch_size, 2)
+    else:
+        rec = np.asarray(unpatchify(pred, e.patch_size, g, c))
+        m = np.repeat(np.repeat(mask.reshape(b, g[0], g[1], 1), e.patch_size, 1), e.patch_size, 2)
+    masked = np.where(m > 0, np.nan, x)
+    filled = np.where(m > 0, rec, x)
+    metrics_io.save_reconstruction_png(workdir / "reconstructions" / f"step_{step:08d}.png", x, masked, filled,
+                                       channel_names)
