@@ -57,6 +57,12 @@ def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
     c.model.decoder_depth = None  # None = the variant's default (8 blocks x 512 for L/8 and G/8)
     c.model.decoder_width = None
     c.model.decoder_heads = None
+    # encoder size overrides of the variant (None = the variant's): width, depth, heads, MLP width, LayerScale init
+    c.model.width = config_dict.placeholder(int)
+    c.model.depth = config_dict.placeholder(int)
+    c.model.num_heads = config_dict.placeholder(int)
+    c.model.mlp_dim = config_dict.placeholder(int)
+    c.model.init_values = config_dict.placeholder(float)
 
     # Input: a store written by vitally_jax.data (or a synthetic one generated on first use).
     c.input = ml_collections.ConfigDict()
@@ -67,6 +73,7 @@ def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
     c.input.global_batch = recipe["global_batch"]
     c.input.flips = True
     c.input.rot90 = True
+    c.input.in_memory = False  # small screens: read the images once into memory and crop with numpy
 
     # Optimiser: Lion + one-cycle cosine (PyTorch OneCycleLR semantics).
     c.optax = ml_collections.ConfigDict()

@@ -64,9 +64,12 @@ def _run() -> int:
         raise _config_file_error(sys.argv) from None
     if config is None:
         raise ConfigError("--config: required (e.g. --config=configs/tiny.py)")
-    if not FLAGS.workdir:
+    workdir = FLAGS.workdir
+    if not workdir and config.job == "demo":
+        workdir = config.workdir  # the demo has a sensible default (./runs/demo)
+    if not workdir:
         raise ConfigError("--workdir: required (output folder)")
-    _check_writable(FLAGS.workdir)
+    _check_writable(workdir)
     try:
         _init_distributed()
     except (KeyError, ValueError) as e:
@@ -82,13 +85,13 @@ def _run() -> int:
     if config.job == "train":
         from vitally_jax.train import train_and_evaluate
 
-        summary = train_and_evaluate(config, FLAGS.workdir)
+        summary = train_and_evaluate(config, workdir)
         logging.info("stopped at step %d (%s)", summary["step"], summary["stopped"])
         return 0
     if config.job == "demo":
         from vitally_jax import demo
 
-        return demo.run(config, FLAGS.workdir) or 0
+        return demo.run(config, workdir) or 0
     raise ConfigError(f"config.job: {config.job!r}; expected 'train' or 'demo'")
 
 

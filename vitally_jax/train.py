@@ -52,8 +52,9 @@ def model_config(config):
     overrides = dict(img_size=config.input.crop, in_chans=m.in_chans, drop_path_rate=m.drop_path_rate,
                      dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl, mask_ratio=m.mask_ratio,
                      fourier_weight=m.fourier_weight, fourier=m.fourier)
-    for k in ("decoder_depth", "decoder_width", "decoder_heads"):
-        if m[k] is not None:
+    for k in ("decoder_depth", "decoder_width", "decoder_heads", "width", "depth", "num_heads", "mlp_dim",
+              "init_values"):
+        if m.get(k) is not None:  # None (or absent) = the variant's value
             overrides[k] = m[k]
     if m.variant.startswith("CA-"):
         overrides["decoder_channels"] = m.in_chans  # one decoder stack per training channel
@@ -165,7 +166,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                           f"data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} devices")
     dataset = pipeline.train_dataset(store_path, crop=config.input.crop, global_batch=config.input.global_batch,
                                      seed=config.seed, index=config.input.index, flips=config.input.flips,
-                                     rot90=config.input.rot90)
+                                     rot90=config.input.rot90, in_memory=bool(config.input.get("in_memory", False)))
     data_iter = iter(pipeline.global_batches(dataset, mesh))
     channel_names = list(pipeline.ImageStore.open(store_path).channel_names)
 

@@ -88,6 +88,32 @@ def resolve_index(store: ImageStore, index) -> np.ndarray:
     return rows
 
 
+class _MemoryImages:
+    """The selected images held in memory as one uint8 array (n, H, W, C); crops are numpy slices. Offers the
+    `shape` / `read_crop` subset of `ImageStore` that `_RandomCrop` uses, with row numbers into `rows`."""
+
+    def __init__(self, store: ImageStore, rows: np.ndarray):
+        rows = np.asarray(rows, np.int64)
+        if len(rows) == len(store) and (rows == np.arange(len(store))).all():
+            self.images = store.read_many(0, len(store))
+        else:  # contiguous chunks of the sorted rows, then back into the index's order
+            order = np.sort(np.unique(rows))
+            parts, i = [], 0
+            while i < len(order):
+                j = i
+                while j + 1 < len(order) and order[j + 1] == order[j] + 1:
+                    j += 1
+                parts.append(store.read_many(int(order[i]), int(order[j]) + 1))
+                i = j + 1
+            loaded = np.concatenate(parts)
+            self.images = loaded[np.searchsorted(order, rows)]
+        self.shape = self.images.shape
+
+    def read_crop(self, i: int, y: int, x: int, size: int) -> np.ndarray:
+        """image[i, y:y+size, x:x+size, :] (a view) for position i of the index."""
+        return self.images[int(i), y:y + size, x:x + size, :]
+
+
 class _RandomCrop:
     """Maps (position in the repeated shuffled stream, index position k) to {'image': crop}. Picklable."""
 
@@ -119,13 +145,16 @@ class _RandomCrop:
 def train_dataset(store_path: str | os.PathLike | ImageStore, *, crop: int = 256, global_batch: int, seed: int,
                   index=None, flips: bool = True, rot90: bool = True, standardize: bool = False,
                   process_index: int | None = None, process_count: int | None = None,
-                  num_epochs: int | None = None, read_threads: int = 8, num_workers: int = 0):
+                  num_epochs: int | None = None, read_threads: int = 8, num_workers: int = 0,
+                  in_memory: bool = False):
     """A Grain `IterDataset` of this process's training batches `{'image': (b, crop, crop, C)}`.
 
     b = global_batch / process_count; images are uint8, or float32 self-standardised when `standardize`.
     `iter(ds)` gives an iterator with `get_state()` / `set_state()` (also usable with
     `grain.checkpoint.CheckpointSave`). `num_epochs=None` repeats forever; a final partial batch is dropped.
     `read_threads` parallelise crop reads inside this process; `num_workers > 0` adds Grain worker processes.
+    `in_memory=True` (for small screens) reads the selected images once into a uint8 array and cuts crops with
+    numpy: the batches and the iterator state are identical to reading crops from the store.
     Process index/count default to `jax.process_index()` / `jax.process_count()`.
     """
     import grain
@@ -146,7 +175,12 @@ def train_dataset(store_path: str | os.PathLike | ImageStore, *, crop: int = 256
     rows = resolve_index(store, index)
     ds = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat(num_epochs)
     ds = ds[process_index::process_count]
-    ds = ds.map_with_index(_RandomCrop(store, rows, crop, seed, flips, rot90, standardize,
+    if in_memory:
+        source, source_rows = _MemoryImages(store, rows), np.arange(len(rows), dtype=np.int64)
+        read_threads = min(read_threads, 2)  # numpy slicing: threads only add scheduling overhead
+    else:
+        source, source_rows = store, rows
+    ds = ds.map_with_index(_RandomCrop(source, source_rows, crop, seed, flips, rot90, standardize,
                                        process_index, process_count))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=max(2 * global_batch // process_count, 16)))
