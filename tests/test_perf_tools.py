@@ -1,0 +1,46 @@
+"""The performance tools run end to end at tiny shapes: the GPU check's CPU smoke and the per-block pod plan."""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--cpu-smoke", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["cpu_smoke"] and r["errors"] == []
+    (train,) = r["train"]
+    assert train["variant"] == "mu/8" and train["depth"] == 1 and train["dtype"] == "bfloat16"
+    assert train["finite"] and train["step_s"] > 0 and 0 < train["mfu"] < 5
+    e = r["extraction"]
+    assert e["every_block_images_per_s"] > 0 and e["final_block_images_per_s"] > 0
+    a = r["agreement"]
+    assert 0.99 < a["min_cosine"] <= 1.0 + 1e-6 and a["max_rel_err"] < 0.1
+
+
+def test_pod_plan_per_block_extrapolation(tmp_path):
+    import pod_plan
+
+    r1 = pod_plan.compile_at_depth("tiny", 1, (1, 8), 64, "bfloat16", "full")
+    r2 = pod_plan.compile_at_depth("tiny", 2, (1, 8), 64, "bfloat16", "full")
+    assert r1["mesh"] == {"data": 1, "fsdp": 8, "model": 1} and r1["devices"] == 8
+    # one more encoder block adds its parameters and Lion state to the arguments
+    assert r2["argument_bytes"] > r1["argument_bytes"] and r2["peak_bytes"] > 0
+    est = pod_plan.extrapolate(r1, r2, 5)
+    assert est["argument_bytes"] == pytest.approx(r1["argument_bytes"] + 4 * est["argument_per_block"])
+    assert est["argument_per_block"] == r2["argument_bytes"] - r1["argument_bytes"]
+    rows = [{"model": "tiny", "devices": 8, "per_device_batch": 8, "remat": "full", **est}]
+    md = tmp_path / "plan.md"
+    pod_plan.write_doc(md, rows, None, "python tools/pod_plan.py --models=tiny", "test")
+    text = md.read_text()
+    assert "| tiny | 8 | 1 x 8 | 8 | full |" in text and "python tools/pod_plan.py --models=tiny" in text
+    assert "extrapolated linearly in depth" in text

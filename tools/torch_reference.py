@@ -1,0 +1,146 @@
+"""PyTorch reference MAE train step for side-by-side benchmarks (runs ONLY in the torch venv).
+
+The encoder is timm 0.9.7's VisionTransformer with ParallelScalingBlock (Recursion's settings), the decoder is the
+standard MAE decoder of timm Blocks, and the loss is masked MSE + 0.01 x the "reference" Fourier L1, all built by
+`tools/make_goldens.py` (which also installs the torchvision import placeholder timm 0.9.7 needs). The optimiser
+is Lion (b1 0.9, b2 0.95, wd 0.05), the paper's, written here with torch foreach ops.
+
+Worker protocol (used by `tools/bench_train.py`, one process kept alive so rounds can interleave with JAX):
+
+    /work/goldens-venv/bin/python tools/torch_reference.py --worker '{"variant": "S/16", "batch": 32, ...}'
+    stdin:  "eager 2" | "compile 2" | "forward 2" | "quit"     stdout: one JSON line per command
+
+`--check` prints versions and whether torch.compile works on this CPU.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import make_goldens as mg  # noqa: E402  (registers the torchvision placeholder, imports timm and torch)
+
+import torch  # noqa: E402
+
+WIDTHS = {"mu": (64, 3, 2), "Ti": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
+
+
+def geometry(spec: dict) -> dict:
+    """Benchmark spec {variant 'S/16', img, chans, mask_ratio, dec_width, dec_depth, dec_heads} -> make_goldens geom."""
+    size, patch = spec["variant"].split("/")
+    width, depth, heads = WIDTHS[size]
+    return dict(img=spec.get("img", 256), patch=int(patch), chans=spec.get("chans", 6), width=width,
+                depth=spec.get("depth", depth), heads=heads, mlp_ratio=4, dec_width=spec.get("dec_width", 512),
+                dec_depth=spec.get("dec_depth", 8), dec_heads=spec.get("dec_heads", 16),
+                mask_ratio=spec.get("mask_ratio", 0.75), fourier_weight=0.01)
+
+
+def mae_loss(mae, x, noise, geom):
+    """Masked-MSE + Fourier loss of the standard MAE. x: (B, C, H, W) standardised; noise: (B, L)."""
+    vit = mae.encoder.vit_backbone
+    t = mg.encoder_tokens(vit, x, False)
+    kept, mask, restore = mg.random_masking(t[:, 1:], geom["mask_ratio"], noise)
+    t = vit.blocks(vit.norm_pre(torch.cat([t[:, :1], kept], dim=1)))
+    y = mae.encoder_decoder_proj(vit.norm(t))
+    n_mask = restore.shape[1] + 1 - y.shape[1]
+    body = torch.cat([y[:, 1:], mae.decoder.mask_token.expand(y.shape[0], n_mask, -1)], dim=1)
+    body = torch.gather(body, 1, restore[..., None].expand(-1, -1, y.shape[2]))
+    pred = mae.decoder_pred(mae.decoder(torch.cat([y[:, :1], body], dim=1)))[:, 1:]
+    target = mg.patchify(x, geom["patch"])
+    rec = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+    b, n, k = pred.shape
+    s = int(n ** 0.5)
+    ft = (torch.fft.fft2(pred.reshape(b, k, s, s)).abs() - torch.fft.fft2(target.reshape(b, k, s, s)).abs()).abs()
+    w = geom["fourier_weight"]
+    return (1 - w) * rec + w * ft.mean()
+
+
+class Lion:
+    """Lion: u = sign(b1 m + (1-b1) g); p <- p (1 - lr wd) - lr u; m <- b2 m + (1-b2) g."""
+
+    def __init__(self, params, lr=1e-4, b1=0.9, b2=0.95, wd=0.05):
+        self.params = [p for p in params if p.requires_grad]
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.lr, self.b1, self.b2, self.wd = lr, b1, b2, wd
+
+    @torch.no_grad()
+    def step(self):
+        grads = [p.grad for p in self.params]
+        u = torch._foreach_mul(self.m, self.b1)
+        torch._foreach_add_(u, grads, alpha=1 - self.b1)
+        u = [t.sign_() for t in u]
+        torch._foreach_mul_(self.params, 1 - self.lr * self.wd)
+        torch._foreach_add_(self.params, u, alpha=-self.lr)
+        torch._foreach_mul_(self.m, self.b2)
+        torch._foreach_add_(self.m, grads, alpha=1 - self.b2)
+        for p in self.params:
+            p.grad = None
+
+
+def make_step(spec: dict, compiled: bool):
+    """-> (step(), images uint8): one full train step (standardise, MAE loss, backward, Lion update)."""
+    geom = geometry(spec)
+    torch.manual_seed(0)
+    mae = mg.build(False, geom).train()
+    opt = Lion(mae.parameters())
+    b, c, img = spec.get("batch", 32), geom["chans"], geom["img"]
+    images = torch.randint(0, 256, (b, c, img, img), dtype=torch.uint8)
+    n_tok = (img // geom["patch"]) ** 2
+
+    def loss_fn(imgs, noise):
+        return mae_loss(mae, mg.self_standardize(imgs), noise, geom)
+
+    fn = torch.compile(loss_fn) if compiled else loss_fn
+    gen = torch.Generator().manual_seed(1)
+
+    def step():
+        loss = fn(images, torch.rand(b, n_tok, generator=gen))
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    return step, mae, images
+
+
+def worker(spec: dict) -> None:
+    torch.set_num_threads(int(spec.get("threads", 2)))
+    steps = {}
+    print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        cmd, *rest = line.split()
+        if cmd == "quit":
+            break
+        n = int(rest[0]) if rest else 1
+        try:
+            if cmd not in steps:
+                t0 = time.perf_counter()
+                steps[cmd] = make_step(spec, compiled=(cmd == "compile"))
+                steps[cmd][0]()  # warm-up (and compilation)
+                warm = time.perf_counter() - t0
+            else:
+                warm = 0.0
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                steps[cmd][0]()
+                times.append(time.perf_counter() - t)
+            print(json.dumps({"cmd": cmd, "times": times, "warmup_s": warm}), flush=True)
+        except Exception as e:  # reported to the parent, which records "not available"
+            print(json.dumps({"cmd": cmd, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}),
+                  flush=True)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":
+        worker(json.loads(argv[1]))
+        return 0
+    import timm
+    print(json.dumps({"torch": torch.__version__, "timm": timm.__version__}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
