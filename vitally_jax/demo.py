@@ -295,23 +295,49 @@ def load_features(workdir: pathlib.Path, outputs: dict, pooling: str) -> dict:
     return feats
 
 
-def stage_probe(config, workdir: pathlib.Path, outputs: dict) -> dict:
-    """Linear-probe sweep over every block of both encoders plus the image-statistics baseline; b*."""
+def _probe_table(config, outputs: dict, pooling: str, *, with_baseline: bool):
+    """The probe sweep table of both encoders (and the image-statistics baseline) with one pooling."""
     from vitally_jax import probe_sweep
+    from vitally_jax.linear_probe import make_probe
 
-    feats = load_features(workdir, outputs, config.probe.pooling)
+    feats = load_features(None, outputs, pooling)
+    if not with_baseline:
+        feats.pop("image_stats")
     wells_f, wells = well_table(outputs["screen"]["store"], {k: v[1] for k, v in feats.items()})
-    sources = {"model": (wells_f["mae"], feats["mae"][0]),
-               "random_init": (wells_f["random_init"], feats["random_init"][0]),
-               "image_stats": (wells_f["image_stats"], [0])}
+    names = {"mae": "model", "random_init": "random_init", "image_stats": "image_stats"}
+    sources = {names[k]: (wells_f[k], list(v[0])) for k, v in feats.items()}
     options = {"perturbation": {"test_fraction": float(config.probe.test_fraction)},
                "gene_groups": {"n_splits": int(config.probe.folds), "min_size": int(config.probe.group_min_size),
                                "max_size": int(config.probe.group_max_size), "seed": int(config.seed)}}
-    from vitally_jax.linear_probe import make_probe
+    return probe_sweep.run_sweep(sources, wells, task_options=options, probe=make_probe(config.probe.backend))
 
-    table = probe_sweep.run_sweep(sources, wells, task_options=options, probe=make_probe(config.probe.backend))
+
+def _model_score(table, b_star: dict) -> float:
+    """The trained model's probe accuracy at its overall b*, averaged over tasks."""
+    t = table[(table["source"] == "model") & (table["block"] == b_star["overall"])]
+    return float(t["score"].mean())
+
+
+def stage_probe(config, workdir: pathlib.Path, outputs: dict) -> dict:
+    """Linear-probe sweep over every block of both encoders plus the image-statistics baseline; b*.
+
+    `probe.pooling` may list several poolings ("mean,cls_norm"): each is probed and the one where the trained
+    model's mean probe accuracy at its b* is highest is used for the maps (for every encoder)."""
+    from vitally_jax import probe_sweep
+
+    poolings = _csv(config.probe.pooling)
+    if not poolings:
+        raise ConfigError("probe.pooling: empty; expected e.g. 'mean' or 'mean,cls_norm'")
+    scores = {}
+    if len(poolings) > 1:
+        for pooling in poolings:
+            t = _probe_table(config, outputs, pooling, with_baseline=False)
+            scores[pooling] = _model_score(t, probe_sweep.best_blocks(t))
+            log(f"  pooling {pooling:<9} trained-model probe accuracy at b* {scores[pooling]:.3f}")
+    pooling = max(scores, key=scores.get) if scores else poolings[0]
+    table = _probe_table(config, outputs, pooling, with_baseline=True)
     out_dir = workdir / "probe"
-    b_star = probe_sweep.write_sweep(table, out_dir, extra={"pooling": config.probe.pooling})
+    b_star = probe_sweep.write_sweep(table, out_dir, extra={"pooling": pooling, "pooling_scores": scores})
     for task in probe_sweep.TASKS:
         t = table[table["task"] == task]
         best = {s: float(g["score"].max()) for s, g in t.groupby("source")}
@@ -321,7 +347,8 @@ def stage_probe(config, workdir: pathlib.Path, outputs: dict) -> dict:
     key = "overall" if key == "mean" else key
     if key not in b_star:
         raise ConfigError(f"probe.b_star_task: {config.probe.b_star_task!r}; expected 'mean' or one of {list(b_star)}")
-    return {"dir": str(out_dir), "table": str(out_dir / "sweep.csv"), "b_star": b_star, "b_star_used": b_star[key]}
+    return {"dir": str(out_dir), "table": str(out_dir / "sweep.csv"), "b_star": b_star, "b_star_used": b_star[key],
+            "pooling": pooling, "pooling_scores": scores}
 
 
 # -------------------------------------------------------------------------------------------------- run

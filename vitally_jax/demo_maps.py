@@ -30,7 +30,7 @@ def stage_maps(config, workdir: pathlib.Path, outputs: dict) -> dict:
 
     from vitally_jax.benchmarks.align import align
 
-    feats = load_features(workdir, outputs, config.probe.pooling)
+    feats = load_features(workdir, outputs, outputs["probe"].get("pooling", config.probe.pooling))
     depth, b_star = int(outputs["embed"]["depth"]), int(outputs["probe"]["b_star_used"])
     pick = {"mae_bstar": ("mae", b_star), "mae_last": ("mae", depth), "random_init": ("random_init", depth),
             "image_stats": ("image_stats", 0)}
