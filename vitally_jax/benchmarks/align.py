@@ -71,13 +71,17 @@ def centerscale_on_controls(x: np.ndarray, is_control: np.ndarray, batches: np.n
 def pca_fit(x: np.ndarray, n_components: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Deterministic PCA by full SVD. (N, D) -> mean (D,), components (K, D), singular values (K,).
 
-    Signs follow scikit-learn's `svd_flip(u_based_decision=False)`: each component's largest-|.| entry is > 0.
+    Signs follow scikit-learn's `svd_flip(u_based_decision=False)`: each component's largest-|.| entry is > 0
+    (near-ties go to the first such column, so the result does not depend on the order of the rows).
     K = n_components or min(N, D).
     """
     mean = x.mean(axis=0)
     with threadpool_limits(1):  # small LAPACK calls: threads only add contention (60x slower on a busy host)
         _, s, vt = scipy.linalg.svd(x - mean, full_matrices=False, lapack_driver="gesdd")
-    rows = np.argmax(np.abs(vt), axis=1)
+    # argmax of |.| with ties (within 1e-9 relative, e.g. the +-1/sqrt(2) components of 2 standardised features)
+    # broken towards the first column, so the signs do not depend on rounding, hence not on the row order
+    mag = np.abs(vt)
+    rows = np.argmax(mag >= mag.max(axis=1, keepdims=True) * (1.0 - 1e-9), axis=1)
     signs = np.sign(vt[np.arange(len(vt)), rows])
     signs[signs == 0] = 1.0
     vt = vt * signs[:, None]
