@@ -52,11 +52,11 @@ def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
     c.model.fourier = "reference"  # "reference" (bit-compatible with the PyTorch code) | "image"
     c.model.drop_path_rate = recipe["drop_path_rate"]
     c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters stay float32)
-    c.model.remat = "none"  # "none" | "full" | "dots_saveable"
-    c.model.attention_impl = None  # None (XLA picks) | "xla" | "cudnn"
-    c.model.decoder_depth = None  # None = the variant's default (8 blocks x 512 for L/8 and G/8)
-    c.model.decoder_width = None
-    c.model.decoder_heads = None
+    c.model.remat = "none"  # "none" | "full" | "dots_saveable" (encoder and decoder block stacks)
+    c.model.attention_impl = config_dict.placeholder(str)  # None (XLA picks) | "xla" | "cudnn"
+    c.model.decoder_depth = config_dict.placeholder(int)  # None = the variant's (8 blocks x 512 for L/8 and G/8)
+    c.model.decoder_width = config_dict.placeholder(int)
+    c.model.decoder_heads = config_dict.placeholder(int)
     # encoder size overrides of the variant (None = the variant's): width, depth, heads, MLP width, LayerScale init
     c.model.width = config_dict.placeholder(int)
     c.model.depth = config_dict.placeholder(int)
@@ -77,7 +77,7 @@ def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
 
     # Optimiser: Lion + one-cycle cosine (PyTorch OneCycleLR semantics).
     c.optax = ml_collections.ConfigDict()
-    c.optax.name = "lion"
+    c.optax.name = "lion"  # "lion" (the paper's) | "adamw"
     c.optax.peak_lr = recipe["peak_lr"]
     c.optax.b1 = 0.9
     c.optax.b2 = 0.95
@@ -89,8 +89,9 @@ def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
     c.optax.cycle_momentum = False  # cycle b1 0.95 -> 0.85 -> 0.95 inversely to the lr
     c.optax.base_momentum = 0.85
     c.optax.max_momentum = 0.95
-    c.optax.grad_clip_norm = 1.0  # None = no clipping
-    c.optax.mu_dtype = None  # None = parameter dtype; "bfloat16" halves optimiser memory
+    c.optax.grad_clip_norm = config_dict.placeholder(float)  # None = no clipping
+    c.optax.grad_clip_norm = 1.0
+    c.optax.mu_dtype = config_dict.placeholder(str)  # None = parameter dtype; "bfloat16" halves optimiser memory
 
     # Mesh over ('data', 'fsdp', 'model'); one axis may be -1 (all remaining devices).
     c.mesh = ml_collections.ConfigDict()
@@ -108,7 +109,10 @@ def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
     c.log.tensorboard = True
     c.log.recon_every_steps = 5000  # reconstruction PNG; None = never
     c.log.recon_images = 2
-    c.log.peak_flops_per_device = recipe.get("peak_flops")  # None = measure a matmul here (CPU "MFU")
+    # None = measure a matmul here (CPU "MFU")
+    c.log.peak_flops_per_device = config_dict.placeholder(float)
+    if recipe.get("peak_flops") is not None:
+        c.log.peak_flops_per_device = float(recipe["peak_flops"])
 
     if args.get("variant"):
         c.model.variant = str(args["variant"])

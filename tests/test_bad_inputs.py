@@ -88,6 +88,12 @@ def _main_cases(tmp: pathlib.Path) -> dict[str, tuple[list[str], int, tuple[str,
         "unwritable workdir": ([tiny, f"--workdir={tmp / 'a_file' / 'wd'}"], 8, ("--workdir", "not writable")),
         "image store missing": ([tiny, f"--config.input.store={tmp / 'no_store'}", wd], 4,
                                 ("no_store", "no image store")),
+        # optional keys (None by default) are typed placeholders: setting them parses, and the run gets as far
+        # as the missing store
+        "optional keys settable": ([tiny, "--config.model.decoder_depth=2", "--config.optax.mu_dtype=bfloat16",
+                                    "--config.log.peak_flops_per_device=1e12", "--config.model.attention_impl=xla",
+                                    f"--config.input.store={tmp / 'no_store'}", wd], 4,
+                                   ("no_store", "no image store")),
         "batch not divisible by devices": ([tiny, "--config.input.global_batch=12",
                                             f"--config.input.store={tmp / 'no_store'}", wd], 3,
                                            ("global_batch 12", "divisible")),
@@ -112,7 +118,7 @@ def main_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["config key typo", "config argument typo", "config value of the wrong type",
                                   "config file missing", "unknown flag", "invalid config value", "unwritable workdir",
-                                  "image store missing", "batch not divisible by devices"])
+                                  "image store missing", "optional keys settable", "batch not divisible by devices"])
 def test_training_entry_point(main_runs, name):
     tmp, cases, out = main_runs
     _, code, needles = cases[name]
@@ -120,6 +126,7 @@ def test_training_entry_point(main_runs, name):
     assert_one_line_error(err, code, rc, *needles)
     assert not (tmp / "wd" / "checkpoints").exists()  # nothing trained, nothing half-written
     assert not (tmp / "wd" / "metrics.jsonl").exists()
+    assert not list(tmp.rglob("events.out.tfevents*"))  # no empty TensorBoard file either
 
 
 def test_training_entry_point_debug_shows_traceback(main_runs):

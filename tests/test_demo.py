@@ -126,6 +126,11 @@ def test_shrunken_demo_end_to_end(tmp_path, repo_root, capsys):
         for k, v in row.items():
             if k not in ("model", "alignment"):
                 assert isinstance(v, (int, float)) and math.isfinite(v), (row["model"], k, v)
+    # the readout check: every stored pooling probed for both encoders, the maps' pooling marked once per task
+    sens = pd.read_parquet(tmp_path / "run" / "probe" / "pooling_sensitivity.parquet")
+    assert set(sens["pooling"]) == {"cls", "cls_norm", "mean", "mean_norm"}
+    assert set(sens[sens["used for the maps"]]["pooling"]) == {config.probe.pooling}
+    assert sens[["trained MAE (best block)", "random-init ViT (best block)"]].notna().all().all()
     table = pd.read_csv(tmp_path / "run" / "results.csv")
     assert {"recall CORUM", "recall StringDB", "compound-gene AP", "mAP activity", "probe perturbation"} <= set(table)
     assert set(table["alignment"]) == {"unaligned", "pca_centerscale", "tvn"}

@@ -101,9 +101,38 @@ def test_lion_matches_numpy(cycle, clip):
     assert float(sched["b1"](3)) == pytest.approx(b1s[3], rel=1e-6)
 
 
+def numpy_adamw(params, grads_seq, lrs, b1, b2, wd, decay, eps=1e-8):
+    """AdamW (decoupled decay lr * wd * p, bias-corrected moments), written out."""
+    p = {k: v.astype(np.float64).copy() for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, (g, lr) in enumerate(zip(grads_seq, lrs), start=1):
+        for k in p:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+            step = (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**t)) + eps)
+            p[k] = p[k] - lr * (step + (wd * p[k] if decay[k] else 0.0))
+    return p
+
+
+def test_adamw_option_matches_numpy():
+    rng = np.random.default_rng(1)
+    params = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=(3,)).astype(np.float32)}
+    grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(10)]
+    tx, _ = make_optimizer(optax_cfg(name="adamw", grad_clip_norm=None, cycle_momentum=False), total_steps=30)
+    state, p = tx.init(jax.tree.map(jnp.asarray, params)), jax.tree.map(jnp.asarray, params)
+    for g in grads:
+        u, state = tx.update(jax.tree.map(jnp.asarray, g), state, p)
+        p = optax.apply_updates(p, u)
+    lrs = [torch_one_cycle(s, 30, 3e-2)[0] for s in range(len(grads))]
+    want = numpy_adamw(params, grads, lrs, 0.9, 0.95, 0.05, {"w": True, "b": False})
+    for k in params:
+        np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-5, atol=1e-6)
+
+
 def test_bad_optimizer_config_is_one_line_config_error():
     with pytest.raises(ConfigError, match="optax.name"):
-        make_optimizer(optax_cfg(name="adamw"), total_steps=10)
+        make_optimizer(optax_cfg(name="adam"), total_steps=10)
     with pytest.raises(ConfigError, match="pct_start"):
         make_optimizer(optax_cfg(pct_start=1.5), total_steps=10)
     with pytest.raises(ConfigError, match="warm-up"):

@@ -104,3 +104,26 @@ def test_constrain_batch_is_a_noop_without_mesh_and_create_sharded():
     assert w.sharding.spec == P(None, "fsdp", "model")
     assert w.addressable_shards[0].data.shape == (2, 32, 224)
     assert np.asarray(model.blocks.gamma[...]).max() == np.float32(1e-4)
+
+
+@pytest.mark.parametrize("fourier", ["reference", "image"])
+def test_fourier_loss_is_computed_per_batch_shard(fourier):
+    """XLA's SPMD partitioner replicates an FFT over the global batch on every device (memory growing with the
+    device count); the loss runs it shard by shard. Every FFT in the compiled step sees 1 crop of the 8."""
+    import re
+
+    cfg = mae_config("mu/8", num_heads=4, fourier=fourier, img_size=32)
+    graphdef, state = random_state(lambda: MAE(cfg, rngs=nnx.Rngs(0)))
+    mesh = sharding.make_mesh((8, 1, 1))
+    x = jax.device_put(jnp.zeros((8, 32, 32, 6), jnp.float32), sharding.batch_sharding(mesh))
+    noise = jax.device_put(jnp.zeros((8, 16), jnp.float32), sharding.batch_sharding(mesh))
+    state = jax.device_put(state, sharding.param_shardings(state, mesh))
+
+    def grads(state, x, noise):
+        return jax.grad(lambda s: nnx.merge(graphdef, s)(x, noise=noise)["loss"])(state)
+
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(grads).lower(state, x, noise).compile().as_text()
+    shapes = re.findall(r"= c64\[(\d+),[\d,]*\][^=]*? fft\(", hlo)
+    assert shapes, "no FFT found in the compiled step"
+    assert set(shapes) == {"1"}, f"FFT leading (batch) dims {sorted(set(shapes))}; expected 1 crop per device"

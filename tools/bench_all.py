@@ -19,12 +19,15 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench_out"
 BENCHES = {
-    "train": ["tools/bench_train.py", "--variants=S/16", "--rounds=2", "--no-torch-compile",
-              f"--json={OUT}/train.json"],
+    # the issue-size comparison (256 px, batch 32, with torch.compile) takes ~30 min on 2 cores: see
+    # docs/performance.md; here the same S/16 step at 128 px, batch 8, eager PyTorch, 3 interleaved rounds
+    "train": ["tools/bench_train.py", "--variants=S/16", "--crop=128", "--batch=8", "--rounds=3", "--steps=2",
+              "--no-torch-compile", f"--json={OUT}/train.json"],
     "data": ["tools/bench_data.py", "--images=64", "--store-images=16", "--batches=6", "--threads", "1", "4",
              f"--json={OUT}/data.json"],
     "maps": ["tools/bench_maps.py", "--genes=2000", "--skip-genome", f"--out={OUT}/maps.json"],
-    "probe": ["tools/bench_probe.py", "--repeats=3", "--json", f"{OUT}/probe.json"],
+    # inference: every-block extraction vs final block only vs the PyTorch reference forward (+ linear probes)
+    "infer": ["tools/bench_probe.py", "--repeats=3", "--json", f"{OUT}/infer.json"],
     "curation": ["tools/bench_curation.py", "--wells=20000", "--quick", "--permutations=200"],
 }
 

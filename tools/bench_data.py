@@ -37,6 +37,53 @@ def bench_generator(n: int, size: int = 256):
                   "images_per_cpu_s": n / cpu, "seconds_per_1000": 1000 * wall / n}
 
 
+def bench_demo_feed(tmp: pathlib.Path, images: int, batches: int) -> dict:
+    """The demo config's input pipeline (crops of its screen, its batch) against its own train step's appetite.
+
+    Feed: Grain batches from a store of `images` wells rendered with the demo preset, in the demo's mode
+    (`input.in_memory`) and from the zarr store. Consumption: the demo's jitted train step on one CPU device,
+    crops/s over `batches` steps after compilation. The feed must exceed the consumption with margin."""
+    import importlib.util
+
+    from vitally_jax import train
+    from vitally_jax.data.pipeline import train_dataset
+    from vitally_jax.data.store import ImageStore, write_store
+    from vitally_jax.data.synthetic import CHANNEL_NAMES, build_world, preset, render_wells
+
+    spec = importlib.util.spec_from_file_location("demo_cfg", pathlib.Path(__file__).parent.parent / "configs/demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    demo = mod.get_config(None)
+    t = demo.train
+    crop, gb = t.input.crop, t.input.global_batch
+    cfg = preset(demo.screen.preset, **dict(demo.screen.overrides))
+    *_, meta, z, imaging = build_world(cfg)
+    path = tmp / "demo_store"
+    write_store(path, np.stack(list(render_wells(cfg, z, imaging, 0, images))), meta.iloc[:images].reset_index(drop=True),
+                CHANNEL_NAMES)
+    st = ImageStore.open(path)
+    out = {"crop": crop, "global_batch": gb, "feed": {}}
+    for in_memory in (bool(t.input.in_memory), not t.input.in_memory):
+        it = iter(train_dataset(st, crop=crop, global_batch=gb, seed=0, process_index=0, process_count=1,
+                                flips=t.input.flips, rot90=t.input.rot90, in_memory=in_memory))
+        next(it)
+        _, wall, _ = _timed(lambda: [next(it) for _ in range(batches)])
+        out["feed"]["in_memory" if in_memory else "zarr"] = gb * batches / wall
+        del it
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from bench_train import one_device_step
+
+    run, state = one_device_step(t, train.model_config(t))
+    state, _ = run(state)  # compile
+    w = time.perf_counter()
+    for _ in range(batches):
+        state, _ = run(state)
+    out["train_crops_per_s"] = gb * batches / (time.perf_counter() - w)
+    out["margin"] = out["feed"]["in_memory" if t.input.in_memory else "zarr"] / out["train_crops_per_s"]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=256, help="wells to render at 256x256 for the generator rate")
@@ -45,6 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 4, 8])
     ap.add_argument("--json", default="bench_data.json")
     ap.add_argument("--workdir", default=None, help="where to build the temporary store (default: a temp dir)")
+    ap.add_argument("--demo-images", type=int, default=96, help="wells of the demo-config feed check (0 skips it)")
     args = ap.parse_args(argv)
 
     from vitally_jax.data.pipeline import inference_tiles, train_dataset
@@ -109,6 +157,13 @@ def main(argv=None) -> int:
         print(f"{name:44s} {r['crops_per_s']:12.1f}  x{r['crops_per_s'] / raw1:.2f} vs raw 1 thread, "
               f"{r['crops_per_cpu_s']:.0f} per CPU s")
     print(f"{'inference tiles 256x256x6 /s':44s} {results['inference_tiles']['tiles_per_s']:12.1f}")
+    if "demo_feed" in results:
+        d = results["demo_feed"]
+        for mode, rate in d["feed"].items():
+            print(f"{'demo config feed crops/s (' + mode + ')':44s} {rate:12.1f}  {d['crop']}x{d['crop']} crops, "
+                  f"batch {d['global_batch']}")
+        print(f"{'demo config train step consumes crops/s':44s} {d['train_crops_per_s']:12.1f}  feed / consumption "
+              f"(the demo's mode) = {d['margin']:.1f}x (must be > 1 with margin)")
     pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.json}")
     return 0

@@ -13,6 +13,11 @@ Three jitted programs on the same uint8 batch (self-standardisation included in 
 Each program is compiled first, then timed `--repeats` times in interleaved order; medians are reported.
 Targets: all-blocks / final-only <= 1.05; speed-up over truncated re-runs ~ (depth + 1) / 2.
 
+The PyTorch reference forward (`tools/torch_reference.py`: timm 0.9.7 ParallelScalingBlock encoder,
+self-standardisation, final norm, CLS and mean pooling, `torch.inference_mode`, eager and with `--torch-compile`
+also torch.compile) runs in the torch venv (`VITALLY_TORCH_PYTHON`) as one long-lived process with 2 threads,
+interleaved with the JAX programs in every repeat; skipped with a note when that venv is missing.
+
 Then the linear probes: one standardised logistic regression per block on synthetic features of the encoder's
 width, the JAX probe (all blocks in one vmapped solve) against scikit-learn (block by block), time and accuracy.
 """
@@ -39,6 +44,8 @@ def _parse(argv):
     p.add_argument("--probe-samples", type=int, default=1000,
                    help="linear-probe timing: samples per split (0 skips it)")
     p.add_argument("--probe-classes", type=int, default=20)
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference forward")
+    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the reference forward")
     return p.parse_args(argv)
 
 
@@ -98,6 +105,21 @@ def _bench_probes(blocks: int, width: int, n: int, k: int) -> dict:
     return out
 
 
+def _torch_worker(args, cfg):
+    """-> (commands to time, worker or None, note): the PyTorch reference forward process, when available."""
+    if args.no_torch:
+        return [], None, "PyTorch reference skipped (--no-torch)"
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from bench_train import TorchWorker, torch_available
+
+    reason = torch_available()
+    if reason is not None:
+        return [], None, f"PyTorch reference not available: {reason}"
+    worker = TorchWorker({"variant": args.variant, "img": args.img, "batch": args.batch, "chans": args.channels,
+                          "depth": cfg.depth, "threads": 2})
+    return ["forward"] + (["forward_compile"] if args.torch_compile else []), worker, None
+
+
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     import jax
@@ -135,7 +157,9 @@ def main(argv=None) -> int:
     ref = final_only(state, images, depth)
     err = max(float(np.abs(np.asarray(full[p])[:, -1] - np.asarray(ref[p])).max()) for p in ("cls_norm", "mean"))
 
+    torch_cmds, worker, torch_note = _torch_worker(args, cfg)
     times: dict[str, list[float]] = {name: [] for name in runs}
+    times.update({f"torch_{c}": [] for c in torch_cmds})
     names = list(runs)
     for r in range(args.repeats):
         order = names if r % 2 == 0 else names[::-1]
@@ -143,6 +167,18 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             jax.block_until_ready(runs[name]())
             times[name].append(time.perf_counter() - t0)
+        for c in list(torch_cmds):
+            out = worker.run(c, 1)
+            if "error" in out:
+                torch_note = f"torch {c}: {out['error']}"
+                torch_cmds.remove(c)
+                times.pop(f"torch_{c}")
+                continue
+            times[f"torch_{c}"] += out["times"]
+            compile_s.setdefault(f"torch_{c}", out["warmup_s"])
+    if worker is not None:
+        worker.close()
+    times = {k: v for k, v in times.items() if v}
     med = {name: statistics.median(v) for name, v in times.items()}
     best = {name: min(v) for name, v in times.items()}  # least disturbed by other work on a shared machine
     truncated_total = sum(med[f"truncated_{b}"] for b in range(1, depth + 1))
@@ -154,20 +190,29 @@ def main(argv=None) -> int:
     print(f"device: {jax.devices()[0].platform} x{jax.device_count()}  model: {args.variant} depth {depth} width "
           f"{cfg.width}  batch {args.batch} x {args.img}x{args.img}x{args.channels}  repeats {args.repeats}")
     print(f"{'program':<26}{'median s':>12}{'crops/s':>12}{'compile s':>12}")
-    for name in ("all_blocks", "final_only"):
-        print(f"{name:<26}{med[name]:>12.4f}{args.batch / med[name]:>12.1f}{compile_s[name]:>12.2f}")
+    for name in ("all_blocks", "final_only", *[k for k in med if k.startswith("torch_")]):
+        label = {"torch_forward": "PyTorch reference (eager)",
+                 "torch_forward_compile": "PyTorch reference (compile)"}.get(name, name)
+        print(f"{label:<26}{med[name]:>12.4f}{args.batch / med[name]:>12.1f}{compile_s[name]:>12.2f}")
     print(f"{'truncated 1..' + str(depth) + ' (sum)':<26}{truncated_total:>12.4f}"
           f"{args.batch / truncated_total:>12.1f}{sum(compile_s[f'truncated_{b}'] for b in range(1, depth + 1)):>12.2f}")
     print(f"all blocks / final block only: {ratio:.3f} by medians, {ratio_min:.3f} by minima (target <= 1.05)")
     print(f"speed-up over truncated re-runs per block: {speedup:.2f}x by medians, {speedup_min:.2f}x by minima "
           f"(ideal (depth+1)/2 = {(depth + 1) / 2:.1f}x)")
+    torch_meds = [v for k, v in med.items() if k.startswith("torch_")]
+    vs_torch = min(torch_meds) / med["all_blocks"] if torch_meds else None
+    if vs_torch is not None:
+        print(f"every-block extraction vs the faster PyTorch reference forward (final block only): {vs_torch:.2f}x "
+              f"by medians")
+    if torch_note:
+        print(f"note: {torch_note}")
     print(f"max |single-pass last block - final-only| = {err:.2e}")
     result = {"device": jax.devices()[0].platform, "device_count": jax.device_count(), "variant": args.variant,
               "depth": depth, "width": cfg.width, "batch": args.batch, "img": args.img, "channels": args.channels,
               "repeats": args.repeats, "median_s": med, "compile_s": compile_s, "truncated_total_s": truncated_total,
               "all_over_final_ratio": ratio, "speedup_over_truncated": speedup,
               "all_over_final_ratio_min": ratio_min, "speedup_over_truncated_min": speedup_min, "min_s": best, "max_abs_diff_last_block": err,
-              "times_s": times}
+              "times_s": times, "all_blocks_vs_torch": vs_torch, "torch_note": torch_note}
     if args.probe_samples:
         result["probe"] = _bench_probes(depth, cfg.width, args.probe_samples, args.probe_classes)
     from vitally_jax.fileio import write_text

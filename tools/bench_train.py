@@ -30,11 +30,7 @@ def build_jax_step(variant: str, batch: int, crop: int = 256, *, depth: int | No
                    attention_impl: str | None = None, decoder_depth: int | None = None, seed: int = 0):
     """-> (step(state) -> state, state, flops per image, mae_cfg): the trainer's jitted update on one device."""
     sys.path.insert(0, str(ROOT))
-    import jax
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from vitally_jax import sharding, train
+    from vitally_jax import train
     from vitally_jax.models.mae import mae_config
 
     sys.path.insert(0, str(ROOT / "tools"))
@@ -55,11 +51,25 @@ def build_jax_step(variant: str, batch: int, crop: int = 256, *, depth: int | No
         over["decoder_depth"] = decoder_depth
     if over:
         mae_cfg = mae_config(variant, **{**_mae_overrides(mae_cfg), **over})
+    run, state = one_device_step(config, mae_cfg, seed)
+    return run, state, train._train_flops(mae_cfg), mae_cfg
+
+
+def one_device_step(config, mae_cfg, seed: int = 0):
+    """-> (run(state) -> (state, metrics), initial state): the trainer's jitted update of `config` / `mae_cfg` on
+    one device, fed one fixed random uint8 batch of the config's crop and global batch."""
+    import jax
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from vitally_jax import sharding, train
+
+    batch, crop = config.input.global_batch, config.input.crop
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     graphdef, abs_state, state_sh, schedules, create = train.build_abstract(config, mae_cfg, mesh)
     step = train.jit_train_step(train.make_train_step(graphdef, mae_cfg, schedules, use_drop_path=False),
                                 state_sh, mesh)
-    from flax import nnx
     with jax.set_mesh(mesh):
         state = jax.jit(lambda: nnx.split(create())[1], out_shardings=state_sh)()
         key = jax.device_put(jax.random.key(seed), NamedSharding(mesh, P()))
@@ -73,7 +83,7 @@ def build_jax_step(variant: str, batch: int, crop: int = 256, *, depth: int | No
         jax.block_until_ready(metrics["loss"])
         return state, metrics
 
-    return run, state, train._train_flops(mae_cfg), mae_cfg
+    return run, state
 
 
 def _mae_overrides(mae_cfg) -> dict:

@@ -2,7 +2,7 @@
 compute, over data x fsdp meshes of fake devices, against 16 / 32 / 80 / 141 GiB accelerators.
 
     python tools/pod_plan.py                       # writes docs/pod_plan.md and bench_out/pod_plan.json
-    python tools/pod_plan.py --models=tiny --devices=8 --depths=1,2 --validate_depth=3 --out=/tmp/plan.md
+    python tools/pod_plan.py --models=tiny --devices=8 --depths=2,3 --validate_depth=4 --out=/tmp/plan.md
 
 Method (per block, linear in depth). Compiling the full 48-block G/8 step costs minutes per configuration on a
 CPU host, so every configuration is compiled by `tools/aot_memory.py`'s path (the trainer's own builders, abstract
@@ -72,6 +72,44 @@ def extrapolate(r1: dict, r2: dict, depth: int) -> dict:
     return out
 
 
+def state_bytes_per_device(name: str, mesh_shape: tuple[int, int]) -> float:
+    """Per-device bytes of the float32 parameters + Lion state under the default sharding rules (no compile)."""
+    import jax
+    from flax import nnx
+
+    import aot_memory
+    from vitally_jax import sharding, train
+    from vitally_jax.models.mae import MAE
+
+    config = aot_memory.load_config(aot_memory.CONFIGS[name])
+    abstract = nnx.state(nnx.eval_shape(lambda: MAE(train.model_config(config), rngs=nnx.Rngs(0))), nnx.Param)
+    sizes = {"data": mesh_shape[0], "fsdp": mesh_shape[1], "model": 1}
+    mesh = type("ShapeOnly", (), {"shape": sizes})()
+    total = 0.0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+        spec = sharding.spec_for(sharding._path_str(path), tuple(leaf.shape), mesh)
+        split = 1
+        for ax in spec:
+            for a in (() if ax is None else (ax,) if isinstance(ax, str) else ax):
+                split *= sizes[a]
+        total += 2 * leaf.size * 4 / split  # parameter + Lion moment, float32
+    return total
+
+
+def choose_mesh(name: str, n: int) -> tuple[int, int]:
+    """(data, fsdp) for n devices: the fsdp size (a divisor of n) that leaves the least training state per device,
+    the largest such. Pure fsdp over n unless some weight dimension does not divide by n (G/8's width 1664 = 13 x
+    128: over 256 devices its fused projections would stay whole on every device, so data=2 x fsdp=128 wins)."""
+    best = None
+    for f in sorted((f for f in range(1, n + 1) if n % f == 0), reverse=True):
+        b = state_bytes_per_device(name, (n // f, f))
+        if best is None or b < best[0] * 0.999:
+            best = (b, (n // f, f))
+        if f <= n // 16:
+            break
+    return best[1]
+
+
 def plan(models, device_counts, remats, depths, dtype, log=print) -> list[dict]:
     rows = []
     for name in models:
@@ -79,13 +117,13 @@ def plan(models, device_counts, remats, depths, dtype, log=print) -> list[dict]:
             gb = PAPER_BATCH[name]
             if gb % n:
                 gb = (gb // n + 1) * n
+            mesh = choose_mesh(name, n)  # the batch is split over data x fsdp
             for remat in remats:
-                mesh = (1, n)  # pure fsdp: data parallel over the same axis (batch is split over data x fsdp)
                 t = time.perf_counter()
                 r1, r2 = (compile_at_depth(name, d, mesh, gb, dtype, remat) for d in depths)
                 full = r1["full_depth"]
                 est = extrapolate(r1, r2, full)
-                rows.append({"model": name, "devices": n, "mesh": {"data": 1, "fsdp": n}, "global_batch": gb,
+                rows.append({"model": name, "devices": n, "mesh": {"data": mesh[0], "fsdp": mesh[1]}, "global_batch": gb,
                              "per_device_batch": gb // n, "remat": remat, "dtype": dtype, "depth": full,
                              "depths_compiled": list(depths), "params": None, **est,
                              "compile_s": round(time.perf_counter() - t, 1)})
@@ -117,8 +155,9 @@ def recommend(rows: list[dict]) -> list[str]:
                              f"devices or gradient accumulation (peak scales ~linearly with per-device batch).")
                 continue
             best = min(fit, key=lambda r: (r["devices"], order.get(r["remat"], 3)))
-            lines.append(f"- {name} on {gib} GiB devices: {best['devices']} devices, mesh data=1 x fsdp="
-                         f"{best['devices']}, remat `{best['remat']}` ({best['per_device_batch']} crops/device, "
+            mesh = best.get("mesh", {"data": 1, "fsdp": best["devices"]})
+            lines.append(f"- {name} on {gib} GiB devices: {best['devices']} devices, mesh data={mesh['data']} x "
+                         f"fsdp={mesh['fsdp']}, remat `{best['remat']}` ({best['per_device_batch']} crops/device, "
                          f"peak {best['peak_bytes'] / 2**30:.1f} GiB)")
     return lines
 
@@ -129,8 +168,10 @@ def write_doc(path: pathlib.Path, rows, check, argv_line: str, load: str) -> Non
     lines = ["# Pod plan: per-device memory of the MAE train step", "",
              f"Regenerate: `{argv_line}` (CPU only, fake devices; about a minute per configuration here).", "",
              "Per-device memory from XLA's memory analysis of the real train step (`vitally_jax.train` builders via "
-             "`tools/aot_memory.py`), bf16 compute, float32 parameters and Lion state, fully sharded (fsdp) "
-             "parameters, batch split over all devices, paper global batches (L/8: 16,384; G/8: 8,192).", "",
+             "`tools/aot_memory.py`), bf16 compute, float32 parameters and Lion state sharded over 'fsdp', batch "
+             "split over all devices, paper global batches (L/8: 16,384; G/8: 8,192). The data x fsdp mesh per "
+             "device count is the one that leaves the least training state per device (`choose_mesh`; G/8's width "
+             "1,664 = 13 x 128 does not split 256 ways, so G/8 on 256 devices uses data=2 x fsdp=128).", "",
              "**Method: measured per block and extrapolated linearly in depth.** Each configuration is compiled at "
              "two reduced encoder depths (full decoder); the encoder is one scanned block stack, so arguments, "
              "temporaries and peak are affine in depth and are extrapolated to 24 (L/8) / 48 (G/8) blocks.", ""]
@@ -148,7 +189,8 @@ def write_doc(path: pathlib.Path, rows, check, argv_line: str, load: str) -> Non
         fits = " / ".join("yes" if r["peak_bytes"] <= 0.9 * t * 2**30 else "no" for t in TARGETS_GIB)
         if r["peak_per_block"] < 0:  # XLA's buffer assignment was not monotonic between the two depths
             fits = "INVALID: peak fell with depth; compile at depths further apart"
-        lines.append(f"| {r['model']} | {r['devices']} | 1 x {r['devices']} | {r['per_device_batch']} | "
+        mesh = r.get("mesh", {"data": 1, "fsdp": r["devices"]})
+        lines.append(f"| {r['model']} | {r['devices']} | {mesh['data']} x {mesh['fsdp']} | {r['per_device_batch']} | "
                      f"{r['remat']} | {g(r['argument_bytes'])} | {g(r['temp_bytes'])} | {g(r['peak_bytes'])} | "
                      f"{g(r['peak_per_block'])} | {fits} |")
     lines += ["", "'fits' keeps 10% headroom. Recommended mesh and remat per target (fewest devices, then the "
@@ -163,9 +205,10 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="L/8,G/8")
     p.add_argument("--devices", default="8,64,256")
     p.add_argument("--remat", default="full,none")
-    p.add_argument("--depths", default="1,2", help="two reduced encoder depths to compile")
-    p.add_argument("--validate_depth", type=int, default=4, help="compile the first model at this depth on the "
-                   "first device count to check the extrapolation (0 = skip)")
+    p.add_argument("--depths", default="2,4", help="two reduced encoder depths to compile (at depth 1 XLA's buffer "
+                   "assignment differs from deeper stacks; start at 2)")
+    p.add_argument("--validate_depth", type=int, default=8, help="compile the first model at this depth on the "
+                   "largest device count to check the extrapolation (0 = skip)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default="docs/pod_plan.md")
     p.add_argument("--json", default="bench_out/pod_plan.json")
@@ -188,7 +231,7 @@ def main(argv=None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     check = None
     if args.validate_depth:
-        check = validate(models[0], counts[0], args.remat.split(",")[0], depths, args.validate_depth, args.dtype)
+        check = validate(models[0], counts[-1], args.remat.split(",")[0], depths, args.validate_depth, args.dtype)
         log(f"validation: rel err {check['rel_err']:.3%}")
     rows = plan(models, counts, args.remat.split(","), depths, args.dtype, log)
     load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?"

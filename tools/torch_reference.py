@@ -8,7 +8,8 @@ is Lion (b1 0.9, b2 0.95, wd 0.05), the paper's, written here with torch foreach
 Worker protocol (used by `tools/bench_train.py`, one process kept alive so rounds can interleave with JAX):
 
     /work/goldens-venv/bin/python tools/torch_reference.py --worker '{"variant": "S/16", "batch": 32, ...}'
-    stdin:  "eager 2" | "compile 2" | "forward 2" | "quit"     stdout: one JSON line per command
+    stdin:  "eager 2" | "compile 2" | "forward 2" | "forward_compile 2" | "quit"   stdout: one JSON line per command
+    (eager / compile: train steps; forward / forward_compile: the encoder's inference forward, CLS + mean pooling)
 
 `--check` prints versions and whether torch.compile works on this CPU.
 """
@@ -104,6 +105,29 @@ def make_step(spec: dict, compiled: bool):
     return step, mae, images
 
 
+def make_forward(spec: dict, compiled: bool = False):
+    """-> (forward(), model, images): the reference encoder's inference forward (self-standardise, blocks, final
+    norm, CLS and mean of patch tokens), no gradients; what an every-block extractor is compared against."""
+    geom = geometry(spec)
+    torch.manual_seed(0)
+    vit = mg.build(False, geom).eval().encoder.vit_backbone
+    b, c, img = spec.get("batch", 32), geom["chans"], geom["img"]
+    images = torch.randint(0, 256, (b, c, img, img), dtype=torch.uint8)
+
+    def embed(imgs):
+        t = vit.norm(vit.blocks(vit.norm_pre(mg.encoder_tokens(vit, mg.self_standardize(imgs), False))))
+        return t[:, 0], t[:, 1:].mean(1)
+
+    fn = torch.compile(embed) if compiled else embed
+
+    def forward():
+        with torch.inference_mode():
+            cls, mean = fn(images)
+        return float(cls[0, 0] + mean[0, 0])
+
+    return forward, vit, images
+
+
 def worker(spec: dict) -> None:
     torch.set_num_threads(int(spec.get("threads", 2)))
     steps = {}
@@ -116,7 +140,10 @@ def worker(spec: dict) -> None:
         try:
             if cmd not in steps:
                 t0 = time.perf_counter()
-                steps[cmd] = make_step(spec, compiled=(cmd == "compile"))
+                if cmd in ("forward", "forward_compile"):
+                    steps[cmd] = make_forward(spec, compiled=(cmd == "forward_compile"))
+                else:
+                    steps[cmd] = make_step(spec, compiled=(cmd == "compile"))
                 steps[cmd][0]()  # warm-up (and compilation)
                 warm = time.perf_counter() - t0
             else:

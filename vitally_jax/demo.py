@@ -328,16 +328,30 @@ def stage_probe(config, workdir: pathlib.Path, outputs: dict) -> dict:
     poolings = _csv(config.probe.pooling)
     if not poolings:
         raise ConfigError("probe.pooling: empty; expected e.g. 'mean' or 'mean,cls_norm'")
-    scores = {}
+    scores, tables = {}, {}
     if len(poolings) > 1:
         for pooling in poolings:
-            t = _probe_table(config, outputs, pooling, with_baseline=False)
-            scores[pooling] = _model_score(t, probe_sweep.best_blocks(t))
+            tables[pooling] = _probe_table(config, outputs, pooling, with_baseline=False)
+            scores[pooling] = _model_score(tables[pooling], probe_sweep.best_blocks(tables[pooling]))
             log(f"  pooling {pooling:<9} trained-model probe accuracy at b* {scores[pooling]:.3f}")
     pooling = max(scores, key=scores.get) if scores else poolings[0]
     table = _probe_table(config, outputs, pooling, with_baseline=True)
     out_dir = workdir / "probe"
     b_star = probe_sweep.write_sweep(table, out_dir, extra={"pooling": pooling, "pooling_scores": scores})
+    # every stored pooling, both encoders, best block per task: how much the comparison depends on the readout
+    rows = []
+    for pool in _csv(config.embed.poolings):
+        t = tables.get(pool)
+        if t is None:
+            t = table if pool == pooling else _probe_table(config, outputs, pool, with_baseline=False)
+        for task, g in t[t["source"] != "image_stats"].groupby("task", sort=False):
+            best = g.groupby("source")["score"].max()
+            rows.append({"pooling": pool, "task": task, "trained MAE (best block)": float(best.get("model")),
+                         "random-init ViT (best block)": float(best.get("random_init")),
+                         "used for the maps": pool == pooling})
+    import pandas as pd
+    sensitivity = pd.DataFrame(rows)
+    _save_parquet(out_dir / "pooling_sensitivity.parquet", sensitivity)
     for task in probe_sweep.TASKS:
         t = table[table["task"] == task]
         best = {s: float(g["score"].max()) for s, g in t.groupby("source")}
@@ -348,7 +362,8 @@ def stage_probe(config, workdir: pathlib.Path, outputs: dict) -> dict:
     if key not in b_star:
         raise ConfigError(f"probe.b_star_task: {config.probe.b_star_task!r}; expected 'mean' or one of {list(b_star)}")
     return {"dir": str(out_dir), "table": str(out_dir / "sweep.csv"), "b_star": b_star, "b_star_used": b_star[key],
-            "pooling": pooling, "pooling_scores": scores}
+            "pooling": pooling, "pooling_scores": scores,
+            "pooling_sensitivity": str(out_dir / "pooling_sensitivity.parquet")}
 
 
 # -------------------------------------------------------------------------------------------------- run

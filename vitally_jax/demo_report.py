@@ -113,6 +113,14 @@ def stage_report(config, workdir: pathlib.Path, outputs: dict, runner: StageRunn
     rep.heading("Findings")
     rep.table(findings.assign(holds=findings["holds"].map({True: "holds", False: "does not hold"})),
               caption="value = trained MAE / aligned map; baseline = random-init ViT / unaligned map")
+    sens_path = outputs["probe"].get("pooling_sensitivity")
+    if sens_path and pathlib.Path(sens_path).is_file():
+        sens = pd.read_parquet(sens_path)
+        rep.text("How much the encoder comparison depends on the readout: every stored pooling, both encoders, best "
+                 "block per probe task. The pooling used for the maps is chosen by the trained model's own probe "
+                 "(it never looks at the random-init numbers).")
+        rep.table(sens.assign(**{"used for the maps": sens["used for the maps"].map({True: "yes", False: ""})}),
+                  caption="pooling sensitivity (balanced accuracy)")
 
     rep.heading("The screen")
     imgs, row_labels, channels = sample_images(outputs["screen"]["store"])

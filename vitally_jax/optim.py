@@ -80,14 +80,14 @@ def _decay_mask(params):
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, dict[str, Schedule]]:
     """Build the optax transform from the `optax` config section.
 
-    Keys used: name ("lion"), peak_lr, b1, b2, weight_decay, decay_1d (bool: also decay vectors),
+    Keys used: name ("lion" | "adamw"), peak_lr, b1, b2, weight_decay, decay_1d (bool: also decay vectors),
     pct_start, div_factor, final_div_factor, cycle_momentum, base_momentum, max_momentum, grad_clip_norm
     (None = no clipping), mu_dtype (None or a dtype name).
 
     Returns the transform and `{"lr": schedule, "b1": schedule}` for logging (b1 constant unless cycled).
     """
-    if cfg.name != "lion":
-        raise ConfigError(f"optax.name: expected 'lion' (the paper's optimiser), got {cfg.name!r}")
+    if cfg.name not in ("lion", "adamw"):
+        raise ConfigError(f"optax.name: expected 'lion' (the paper's optimiser) or 'adamw', got {cfg.name!r}")
     lr = one_cycle_lr(cfg.peak_lr, total_steps, pct_start=cfg.pct_start, div_factor=cfg.div_factor,
                       final_div_factor=cfg.final_div_factor)
     if cfg.cycle_momentum:
@@ -96,7 +96,9 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
     else:
         b1_const = float(cfg.b1)
         b1 = lambda step: jnp.full((), b1_const, jnp.float32)  # noqa: E731
-    lion = optax.inject_hyperparams(optax.lion, static_args=("mask", "mu_dtype"))(
+    # AdamW (the MAE paper's optimiser) takes ~3-10x Lion's learning rate; both decay weights decoupled (lr * wd)
+    base = optax.lion if cfg.name == "lion" else optax.adamw
+    lion = optax.inject_hyperparams(base, static_args=("mask", "mu_dtype"))(
         learning_rate=lr, b1=b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
         mask=None if cfg.decay_1d else _decay_mask,
         mu_dtype=None if cfg.mu_dtype is None else jnp.dtype(cfg.mu_dtype))

@@ -116,6 +116,20 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
 
+def map_batch_shards(f: Callable, *xs: jax.Array) -> jax.Array:
+    """f(*xs) computed shard by shard over the batch axes (`jax.shard_map`), for ops that XLA's SPMD partitioner
+    would otherwise replicate over the global batch (FFTs). f must act on each batch row independently and keep
+    the leading axis. Without an active ('data', 'fsdp') mesh, or when the batch does not split evenly: f(*xs)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or not all(a in mesh.axis_names for a in BATCH_AXES):
+        return f(*xs)
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if n == 1 or any(x.shape[0] % n for x in xs):
+        return f(*xs)
+    spec = P(BATCH_AXES)
+    return jax.shard_map(f, in_specs=(spec,) * len(xs), out_specs=spec, check_vma=False)(*xs)
+
+
 def create_sharded(ctor: Callable[[], nnx.Module], mesh=None, rules=None) -> nnx.Module:
     """Build `ctor()` with one jitted init, directly sharded over `mesh` (replicated rules -> no host copy).
 

@@ -148,8 +148,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-    writer = metrics_io.MetricWriter(workdir, enabled=is_main, tensorboard=config.log.tensorboard)
-    progress = metrics_io.Progress(config.total_steps)
     log.info("devices: %d (%d local), processes: %d", jax.device_count(), jax.local_device_count(),
              jax.process_count())
 
@@ -183,6 +181,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     train_step = jit_train_step(make_train_step(graphdef, mae_cfg, schedules,
                                                 use_drop_path=mae_cfg.encoder.drop_path_rate > 0),
                                 state_sh, mesh)
+
+    # metrics files appear only once the input and the model are known to be usable (no empty event files)
+    writer = metrics_io.MetricWriter(workdir, enabled=is_main, tensorboard=config.log.tensorboard)
+    progress = metrics_io.Progress(config.total_steps)
 
     # ---------------------------------------------------------------------------------------- checkpoint --
     manager = ckpt.make_manager(workdir / "checkpoints", keep=config.checkpoint.keep,

@@ -84,9 +84,10 @@ class SyntheticConfig:
 PRESETS = {
     # tests: ~250 images of 64x64
     "tiny": SyntheticConfig(),
-    # a CPU demo: ~2,600 wells at 128x128 in 6 experiments, ~20 CPU-seconds to generate
+    # a CPU demo: ~2,600 wells at 128x128 in 6 experiments, near-confluent fields as in real Cell Painting,
+    # ~20 s to generate on 2 cores
     "demo": SyntheticConfig(n_genes=300, guides_per_gene=2, n_compounds=40, n_experiments=6, replicates=3,
-                            plate_format=384, image_size=128, cell_radius=10.0, cells_per_image=18.0),
+                            plate_format=384, image_size=128, cell_radius=10.0, cells_per_image=45.0),
     # an accelerator-scale run: ~50k wells at 256x256 on 1536-well plates
     "full": SyntheticConfig(n_genes=1500, guides_per_gene=4, n_compounds=400, n_experiments=12, replicates=6,
                             concentrations_nM=(1.0, 10.0, 100.0, 1000.0, 3000.0, 10000.0),
