@@ -20,15 +20,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench_out"
 BENCHES = {
     # the issue-size comparison (256 px, batch 32, with torch.compile) takes ~30 min on 2 cores: see
-    # docs/performance.md; here the same S/16 step at 128 px, batch 8, eager PyTorch, 3 interleaved rounds
-    "train": ["tools/bench_train.py", "--variants=S/16", "--crop=128", "--batch=8", "--rounds=3", "--steps=2",
+    # docs/performance.md; here the same S/16 and B/16 steps at 128 px, batch 8, eager PyTorch, 3 interleaved rounds
+    "train": ["tools/bench_train.py", "--variants=S/16,B/16", "--crop=128", "--batch=8", "--rounds=3", "--steps=2",
               "--no-torch-compile", f"--json={OUT}/train.json"],
     "data": ["tools/bench_data.py", "--images=64", "--store-images=16", "--batches=6", "--threads", "1", "4",
              f"--json={OUT}/data.json"],
     "maps": ["tools/bench_maps.py", "--genes=2000", "--skip-genome", f"--out={OUT}/maps.json"],
     # inference: every-block extraction vs final block only vs the PyTorch reference forward (+ linear probes)
     "infer": ["tools/bench_probe.py", "--repeats=3", "--json", f"{OUT}/infer.json"],
-    "curation": ["tools/bench_curation.py", "--wells=20000", "--quick", "--permutations=200"],
+    "curation": ["tools/bench_curation.py", "--wells=20000", "--perturbations=200", "--quick", "--permutations=200",
+                 f"--json={OUT}/curation.json"],
 }
 
 
@@ -48,7 +49,7 @@ def run_one(name: str, limit_s: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=",".join(BENCHES))
-    p.add_argument("--limit_s", type=int, default=240, help="time limit per benchmark")
+    p.add_argument("--limit_s", type=int, default=480, help="time limit per benchmark")
     args = p.parse_args(argv)
     OUT.mkdir(exist_ok=True)
     load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?"

@@ -96,6 +96,10 @@ def main(argv=None) -> int:
     t_both = time.perf_counter() - t0
 
     # naive reference on a sample of tests, extrapolated to the number of tests actually run
+    if len(both.tests) == 0:
+        raise SystemExit(f"error: --wells={args.wells} over --perturbations={args.perturbations} gives fewer than "
+                         f"{cfg.min_wells} wells per perturbation, so nothing passes the replicate filter; "
+                         "use more wells or fewer perturbations")
     n_tests = len(both.tests) // len(sets)
     typical = int(both.tests["n_wells"].median())
     pool = cs.unit_rows(sets[f"d{args.dims[0]}"][meta["experiment"].to_numpy() == "e0"])

@@ -138,6 +138,8 @@ def main(argv=None) -> int:
 
         n_tiles, (_, wall, _) = 0, _timed(lambda: [b for b in inference_tiles(st, crop=256, batch_size=64)])
         results["inference_tiles"] = {"tiles": 4 * len(st), "tiles_per_s": 4 * len(st) / wall}
+        if args.demo_images:
+            results["demo_feed"] = bench_demo_feed(pathlib.Path(tmp), args.demo_images, max(3, args.batches // 2))
 
     g, g5 = results["generator_256"], results["generator_512"]
     print(f"machine: {results['cpu_count']} CPUs, load average {results['load_avg_1min']:.1f} at start")
