@@ -109,7 +109,9 @@ def stage_report(config, workdir: pathlib.Path, outputs: dict, runner: StageRunn
     rep = R.Report("vitally_jax demo: from pixels to a scored map")
     n_hold = int(findings["holds"].sum())
     rep.text(f"A synthetic Cell Painting screen, a small MAE pretrained on it, every block probed, maps built and "
-             f"scored against known gene relationships. {n_hold} of {len(findings)} of the paper's claims hold here.")
+             f"scored against known gene relationships. {n_hold} of {len(findings)} of the paper's claims hold here, "
+             f"with the {outputs['probe'].get('pooling', '?')} pooling that the trained model's probe chose (the "
+             f"second table shows how the encoders compare under every pooling).")
     rep.heading("Findings")
     rep.table(findings.assign(holds=findings["holds"].map({True: "holds", False: "does not hold"})),
               caption="value = trained MAE / aligned map; baseline = random-init ViT / unaligned map")
@@ -179,7 +181,7 @@ def stage_report(config, workdir: pathlib.Path, outputs: dict, runner: StageRunn
     html_path = rep.write(workdir / "report.html")
     R.write_results(results.drop(columns=["model_key"]), workdir,
                     extra={"findings": findings.to_dict("records"), "b_star": b_star, "b_star_used": b_used,
-                           "stage_seconds": dict(zip(times["stage"], times["seconds"]))})
+                           "stage_seconds": {k: v for k, v in zip(times["stage"], times["seconds"]) if v == v}})
     return {"report": str(html_path), "results": str(workdir / "results.json")}
 
 

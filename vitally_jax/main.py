@@ -141,6 +141,9 @@ def main(argv) -> None:
     from vitally_jax.cli import run_cli
 
     logging.getLogger().setLevel(logging.INFO)
+    if not FLAGS.debug:  # our own INFO lines stay; Orbax's and JAX's per-call INFO chatter only with --debug
+        for name in ("absl", "jax"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     sys.exit(run_cli(_run, debug=FLAGS.debug))
 
 
