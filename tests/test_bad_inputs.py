@@ -318,6 +318,20 @@ def test_truncated_image_chunk_is_a_data_error(good_store, tmp_path, capsys):
     cli(capsys, lambda: ImageStore.open(bad).read(0), 4, "images.zarr")
 
 
+def test_deleted_image_file_is_a_data_error(good_store, tmp_path, capsys):
+    """zarr reads a missing shard as zeros; the store refuses to, even for a shard of all-zero images."""
+    import shutil
+
+    from vitally_jax.data.store import ImageStore, metadata_frame, write_store
+
+    bad = _copy(good_store[0], tmp_path / "deleted")
+    shutil.rmtree(bad / "images.zarr" / "c" / "0")
+    cli(capsys, lambda: ImageStore.open(bad).read(0), 4, "images.zarr", "missing", "c/0", "images 0..3")
+    dark = write_store(tmp_path / "dark", np.zeros((2, 16, 16, 3), np.uint8), metadata_frame(["d0", "d1"]),
+                       ["a", "b", "c"])
+    assert ImageStore.open(dark).read(1).shape == (16, 16, 3)  # an all-zero shard is written, so it reads
+
+
 def test_flipped_bytes_in_image_chunk_are_detected(good_store, tmp_path, capsys):
     """Silent corruption must not reach training: checksums on image chunks turn it into a DataError."""
     from vitally_jax.data.store import ImageStore

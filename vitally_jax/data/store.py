@@ -163,6 +163,8 @@ def _zarr_spec(path: pathlib.Path, shape: Sequence[int], images_per_shard: int) 
         },
         "create": True,
         "delete_existing": True,
+        # write every shard, even all-zero ones: a missing shard file then always means a damaged store
+        "store_data_equal_to_fill_value": True,
     }
 
 
@@ -313,7 +315,20 @@ class ImageStore:
             if tuple(self._arr.shape) != self.shape or self._arr.dtype.numpy_dtype != np.uint8:
                 raise DataError(f"{self.path / IMAGES}: array {self._arr.shape} {self._arr.dtype}, expected "
                                 f"{self.shape} uint8 as in {STORE_JSON}")
+            self._check_shards(int(self._arr.chunk_layout.write_chunk.shape[0]))
         return self._arr
+
+    def _check_shards(self, per_shard: int) -> None:
+        """Every shard file the writer produced must exist: zarr reads a missing one as zeros, silently."""
+        n_shards = -(-self.shape[0] // per_shard)
+        root = self.path / IMAGES / "c"
+        present = set(os.listdir(root)) if root.is_dir() else set()
+        missing = [k for k in range(n_shards) if str(k) not in present]
+        if missing:
+            k = missing[0]
+            raise DataError(f"{self.path / IMAGES}: {len(missing)} of {n_shards} image files missing (first: c/{k}, "
+                            f"images {k * per_shard}..{min(self.shape[0], (k + 1) * per_shard) - 1}); "
+                            "the store is incomplete")
 
     def read(self, i: int) -> np.ndarray:
         """Image i as uint8 (H, W, C)."""
