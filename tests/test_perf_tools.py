@@ -44,3 +44,17 @@ def test_pod_plan_per_block_extrapolation(tmp_path):
     text = md.read_text()
     assert "| tiny | 8 | 1 x 8 | 8 | full |" in text and "python tools/pod_plan.py --models=tiny" in text
     assert "extrapolated linearly in depth" in text
+
+
+def test_profile_train_step_ablation_runs(tmp_path, monkeypatch):
+    """The train-step ablation tool times the full step, the 1-block decoder and the FFT-free step (tiny shapes;
+    the PyTorch side is reported as not available when its venv is missing, as in CI)."""
+    import bench_train
+    import profile_train_step
+
+    monkeypatch.setattr(bench_train, "torch_available", lambda: "no torch venv in this test")
+    out = tmp_path / "profile.json"
+    assert profile_train_step.main(["--variant=mu/8", "--crop=32", "--batch=2", "--steps=1", f"--json={out}"]) == 0
+    s = json.loads(out.read_text())["seconds"]
+    assert s["ours_full"] > 0 and s["ours_decoder_1"] > 0 and s["ours_no_fourier"] > 0
+    assert s["torch_full"] is None and s["torch_decoder_1"] is None
