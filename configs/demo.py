@@ -82,8 +82,8 @@ def get_config(arg=None):
     t.model.decoder_width = 64
     t.model.decoder_heads = 2
     # AdamW, not the paper's Lion: at this size and step count Lion's fixed-size sign steps never leave the
-    # predict-the-mean plateau (loss ~1.0 after 320 steps; the PyTorch reference MAE behaves the same), while
-    # AdamW leaves it after ~600 steps. Small steps, many of them: 2,600 x 64 crops.
+    # predict-the-mean plateau (loss ~1.0 after 320 steps; on a sanity task the PyTorch reference MAE sits on the
+    # same plateau), while AdamW leaves it after ~600 steps. Small steps, many of them: 2,600 x 64 crops.
     t.optax.name = "adamw"
     t.input.crop = 64
     t.input.in_memory = True  # the demo screen (~250 MB) fits in memory: crops become numpy slices
