@@ -179,17 +179,20 @@ def resample_grid(table: jax.Array, old: tuple[int, int], new: tuple[int, int], 
 # Modules
 # ----------------------------------------------------------------------------------------------------------------
 
-class Dinov2Block(nnx.Module):
+class Dinov2Block(layers.PreNormBlock):
     """Pre-norm block with LayerScale; MLP or packed SwiGLU. Params: norm1, qkv, proj, ls1, norm2, fc1, fc2, ls2.
 
+    The forward is `layers.PreNormBlock`'s; only the parameter names of the LayerScales and the MLP differ.
     x: (B, N, D) -> (B, N, D).
     """
 
     def __init__(self, cfg: Dinov2Config, *, rngs: nnx.Rngs):
+        # not super().__init__: that would name the LayerScales gamma1/gamma2 instead of DINOv2's ls1/ls2
         d, dt = cfg.width, jnp.dtype(cfg.dtype)
-        self.heads, self.mlp, self.dtype, self.impl = cfg.num_heads, cfg.mlp, dt, cfg.attention_impl
+        self.dim, self.heads, self.mlp, self.dtype, self.impl = d, cfg.num_heads, cfg.mlp, dt, cfg.attention_impl
         self.norm1 = layers.LayerNorm(d, cfg.norm_eps)
         self.qkv = layers.Linear(d, 3 * d, dtype=dt, rngs=rngs)
+        self.q_norm = self.k_norm = None
         self.proj = layers.Linear(d, d, dtype=dt, rngs=rngs)
         self.norm2 = layers.LayerNorm(d, cfg.norm_eps)
         fc1_out = 2 * cfg.mlp_dim if cfg.mlp == "swiglu" else cfg.mlp_dim
@@ -210,25 +213,8 @@ class Dinov2Block(nnx.Module):
             h = jax.nn.gelu(h, approximate=False)
         return self.fc2(h)
 
-    def _attn(self, y):
-        b, n, d = y.shape
-        qkv = self.qkv(y).reshape(b, n, 3, self.heads, d // self.heads)
-        o = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.impl)
-        return self.proj(o.reshape(b, n, d))
-
-    def __call__(self, x, *, drop_rate=0.0, drop_key=None):
-        dt = self.dtype
-        k1 = k2 = None
-        if drop_key is not None:
-            k1, k2 = jax.random.split(drop_key)
-        a = self._attn(self.norm1(x).astype(dt))
-        if self.ls1 is not None:
-            a = a * self.ls1[...].astype(dt)
-        x = x + layers.drop_path(a, drop_rate, k1).astype(x.dtype)
-        m = self._mlp(self.norm2(x).astype(dt))
-        if self.ls2 is not None:
-            m = m * self.ls2[...].astype(dt)
-        return x + layers.drop_path(m, drop_rate, k2).astype(x.dtype)
+    def _scales(self):
+        return self.ls1, self.ls2
 
 
 class Dinov2(nnx.Module):

@@ -242,18 +242,26 @@ class PreNormBlock(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return self.proj(attention(q, k, v, self.impl).reshape(b, n, d))
 
+    def _mlp(self, y):
+        return self.fc2(jax.nn.gelu(self.fc1(y), approximate=False))
+
+    def _scales(self):
+        """The (attention, MLP) LayerScale parameters or None (subclasses name them differently)."""
+        return self.gamma1, self.gamma2
+
     def __call__(self, x, *, drop_rate=0.0, drop_key=None):
         dt = self.dtype
+        g1, g2 = self._scales()
         k1 = k2 = None
         if drop_key is not None:
             k1, k2 = jax.random.split(drop_key)
         a = self._attn(self.norm1(x).astype(dt))
-        if self.gamma1 is not None:
-            a = a * self.gamma1[...].astype(dt)
+        if g1 is not None:
+            a = a * g1[...].astype(dt)
         x = x + drop_path(a, drop_rate, k1).astype(x.dtype)
-        m = self.fc2(jax.nn.gelu(self.fc1(self.norm2(x).astype(dt)), approximate=False))
-        if self.gamma2 is not None:
-            m = m * self.gamma2[...].astype(dt)
+        m = self._mlp(self.norm2(x).astype(dt))
+        if g2 is not None:
+            m = m * g2[...].astype(dt)
         return x + drop_path(m, drop_rate, k2).astype(x.dtype)
 
 
