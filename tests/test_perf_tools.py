@@ -58,3 +58,16 @@ def test_profile_train_step_ablation_runs(tmp_path, monkeypatch):
     s = json.loads(out.read_text())["seconds"]
     assert s["ours_full"] > 0 and s["ours_decoder_1"] > 0 and s["ours_no_fourier"] > 0
     assert s["torch_full"] is None and s["torch_decoder_1"] is None
+
+
+def test_pod_plan_mesh_choice_keeps_every_weight_sharded():
+    """G/8's width 1,664 = 13 x 128 does not split 256 ways: pure fsdp=256 would leave its fused projections whole
+    on every device, so the plan uses data=2 x fsdp=128 there; L/8 splits 256 ways."""
+    import pod_plan
+
+    assert pod_plan.choose_mesh("L/8", 256) == (1, 256)
+    assert pod_plan.choose_mesh("G/8", 64) == (1, 64)
+    assert pod_plan.choose_mesh("G/8", 256) == (2, 128)
+    whole = pod_plan.state_bytes_per_device("G/8", (1, 256))
+    split = pod_plan.state_bytes_per_device("G/8", (2, 128))
+    assert whole > 50 * split  # 13.7 GiB vs ~0.11 GiB per device

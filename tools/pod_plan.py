@@ -14,7 +14,9 @@ compiling one configuration at a third depth and comparing with the extrapolatio
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import pathlib
 import sys
@@ -72,8 +74,9 @@ def extrapolate(r1: dict, r2: dict, depth: int) -> dict:
     return out
 
 
-def state_bytes_per_device(name: str, mesh_shape: tuple[int, int]) -> float:
-    """Per-device bytes of the float32 parameters + Lion state under the default sharding rules (no compile)."""
+@functools.lru_cache(maxsize=None)
+def _param_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(state path, shape) of every trainable parameter of model `name` (abstract, built once per model)."""
     import jax
     from flax import nnx
 
@@ -83,16 +86,23 @@ def state_bytes_per_device(name: str, mesh_shape: tuple[int, int]) -> float:
 
     config = aot_memory.load_config(aot_memory.CONFIGS[name])
     abstract = nnx.state(nnx.eval_shape(lambda: MAE(train.model_config(config), rngs=nnx.Rngs(0))), nnx.Param)
+    return tuple((sharding._path_str(path), tuple(leaf.shape))
+                 for path, leaf in jax.tree_util.tree_leaves_with_path(abstract))
+
+
+def state_bytes_per_device(name: str, mesh_shape: tuple[int, int]) -> float:
+    """Per-device bytes of the float32 parameters + Lion state under the default sharding rules (no compile)."""
+    from vitally_jax import sharding
+
     sizes = {"data": mesh_shape[0], "fsdp": mesh_shape[1], "model": 1}
     mesh = type("ShapeOnly", (), {"shape": sizes})()
     total = 0.0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
-        spec = sharding.spec_for(sharding._path_str(path), tuple(leaf.shape), mesh)
+    for path, shape in _param_shapes(name):
         split = 1
-        for ax in spec:
+        for ax in sharding.spec_for(path, shape, mesh):
             for a in (() if ax is None else (ax,) if isinstance(ax, str) else ax):
                 split *= sizes[a]
-        total += 2 * leaf.size * 4 / split  # parameter + Lion moment, float32
+        total += 2 * math.prod(shape) * 4 / split  # parameter + Lion moment, float32
     return total
 
 
