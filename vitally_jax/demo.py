@@ -318,6 +318,23 @@ def _model_score(table, b_star: dict) -> float:
     return float(t["score"].mean())
 
 
+def _pooling_sensitivity(config, outputs: dict, tables: dict, used: str):
+    """Every stored pooling, both encoders, best block per task: how much the comparison depends on the readout.
+
+    `tables`: probe tables already computed, by pooling; the others are computed here."""
+    import pandas as pd
+
+    rows = []
+    for pool in _csv(config.embed.poolings):
+        t = tables[pool] if pool in tables else _probe_table(config, outputs, pool, with_baseline=False)
+        for task, g in t[t["source"] != "image_stats"].groupby("task", sort=False):
+            best = g.groupby("source")["score"].max()
+            rows.append({"pooling": pool, "task": task, "trained MAE (best block)": float(best.get("model")),
+                         "random-init ViT (best block)": float(best.get("random_init")),
+                         "used for the maps": pool == used})
+    return pd.DataFrame(rows)
+
+
 def stage_probe(config, workdir: pathlib.Path, outputs: dict) -> dict:
     """Linear-probe sweep over every block of both encoders plus the image-statistics baseline; b*.
 
@@ -338,20 +355,8 @@ def stage_probe(config, workdir: pathlib.Path, outputs: dict) -> dict:
     table = _probe_table(config, outputs, pooling, with_baseline=True)
     out_dir = workdir / "probe"
     b_star = probe_sweep.write_sweep(table, out_dir, extra={"pooling": pooling, "pooling_scores": scores})
-    # every stored pooling, both encoders, best block per task: how much the comparison depends on the readout
-    rows = []
-    for pool in _csv(config.embed.poolings):
-        t = tables.get(pool)
-        if t is None:
-            t = table if pool == pooling else _probe_table(config, outputs, pool, with_baseline=False)
-        for task, g in t[t["source"] != "image_stats"].groupby("task", sort=False):
-            best = g.groupby("source")["score"].max()
-            rows.append({"pooling": pool, "task": task, "trained MAE (best block)": float(best.get("model")),
-                         "random-init ViT (best block)": float(best.get("random_init")),
-                         "used for the maps": pool == pooling})
-    import pandas as pd
-    sensitivity = pd.DataFrame(rows)
-    _save_parquet(out_dir / "pooling_sensitivity.parquet", sensitivity)
+    _save_parquet(out_dir / "pooling_sensitivity.parquet",
+                  _pooling_sensitivity(config, outputs, {**tables, pooling: table}, pooling))
     for task in probe_sweep.TASKS:
         t = table[table["task"] == task]
         best = {s: float(g["score"].max()) for s, g in t.groupby("source")}
