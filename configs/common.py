@@ -53,7 +53,7 @@ def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
     c.model.drop_path_rate = recipe["drop_path_rate"]
     c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters stay float32)
     c.model.remat = "none"  # "none" | "full" | "dots_saveable" (encoder and decoder block stacks)
-    c.model.attention_impl = config_dict.placeholder(str)  # None (XLA picks) | "xla" | "cudnn"
+    c.model.attention_impl = config_dict.placeholder(str)  # None (auto) | "xla" | "cudnn" | "head_groups"
     c.model.decoder_depth = config_dict.placeholder(int)  # None = the variant's (8 blocks x 512 for L/8 and G/8)
     c.model.decoder_width = config_dict.placeholder(int)
     c.model.decoder_heads = config_dict.placeholder(int)

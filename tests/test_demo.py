@@ -131,6 +131,13 @@ def test_shrunken_demo_end_to_end(tmp_path, repo_root, capsys):
     assert set(sens["pooling"]) == {"cls", "cls_norm", "mean", "mean_norm"}
     assert set(sens[sens["used for the maps"]]["pooling"]) == {config.probe.pooling}
     assert sens[["trained MAE (best block)", "random-init ViT (best block)"]].notna().all().all()
+    # the multi-pooling path probes the encoders first and adds the baseline after: probing sources apart and
+    # merging must give exactly the table of probing them together
+    pool = config.probe.pooling
+    apart = demo._merge_tables(demo._probe_table(config, out, pool, sources=("mae", "random_init")),
+                               demo._probe_table(config, out, pool, sources=("image_stats",)))
+    pd.testing.assert_frame_equal(apart, demo._probe_table(config, out, pool))
+    assert list(apart["source"].unique()) == ["model", "random_init", "image_stats"]
     table = pd.read_csv(tmp_path / "run" / "results.csv")
     assert {"recall CORUM", "recall StringDB", "compound-gene AP", "mAP activity", "probe perturbation"} <= set(table)
     assert set(table["alignment"]) == {"unaligned", "pca_centerscale", "tvn"}

@@ -252,3 +252,30 @@ def test_variant_configs_and_errors():
         vit_config("S/16", remat="some")
     with pytest.raises(ConfigError, match="fourier"):
         mae_config("S/16", fourier="fft")
+    with pytest.raises(ConfigError, match="model.attention_impl: 'flash'"):
+        vit_config("S/16", attention_impl="flash")
+
+
+@pytest.mark.parametrize("heads", [16, 6, 3])
+def test_head_group_attention_equals_jax_attention(heads):
+    """The CPU attention (independent groups of two heads; 3 heads -> one head per group) equals
+    jax.nn.dot_product_attention in value and in every input gradient, and the default picks it on CPU."""
+    rng = np.random.default_rng(heads)
+    q, k, v = (jnp.asarray(rng.standard_normal((3, 17, heads, 8)), jnp.float32) for _ in range(3))
+    k = k * 3.0  # sharper softmax rows
+    ref = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    got = layers.head_group_attention(q, k, v)
+    np.testing.assert_allclose(got, ref, atol=2e-6, rtol=0)
+    np.testing.assert_array_equal(layers.attention(q, k, v, None), got)  # auto on CPU
+    np.testing.assert_array_equal(layers.attention(q, k, v, "xla"), ref)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+    g_ref = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(*a, implementation="xla")), (0, 1, 2))(q, k, v)
+    g_got = jax.grad(loss(layers.head_group_attention), (0, 1, 2))(q, k, v)
+    for a, b in zip(g_got, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    # bfloat16 inputs: bfloat16 output, float32 scores; close to the float32 result
+    bf = layers.head_group_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+    assert bf.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(bf, np.float32), ref, atol=0.1)

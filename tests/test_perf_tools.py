@@ -54,10 +54,19 @@ def test_profile_train_step_ablation_runs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_train, "torch_available", lambda: "no torch venv in this test")
     out = tmp_path / "profile.json"
-    assert profile_train_step.main(["--variant=mu/8", "--crop=32", "--batch=2", "--steps=1", f"--json={out}"]) == 0
-    s = json.loads(out.read_text())["seconds"]
-    assert s["ours_full"] > 0 and s["ours_decoder_1"] > 0 and s["ours_no_fourier"] > 0
+    assert profile_train_step.main(["--variant=mu/8", "--crop=32", "--batch=2", "--steps=1", "--kernel-repeats=2",
+                                    f"--json={out}"]) == 0
+    result = json.loads(out.read_text())
+    s = result["seconds"]
+    assert s["ours_full"] > 0 and s["ours_decoder_1"] > 0 and s["ours_no_fourier"] > 0 and s["ours_xla_attention"] > 0
     assert s["torch_full"] is None and s["torch_decoder_1"] is None
+    k = result["kernels_ms"]
+    assert set(k["ours"]) == {"gelu", "gelu_fwd_bwd", "layer_norm", "softmax", "attention_fwd_bwd",
+                              "attention_unfused_fwd_bwd", "batched_qk", "mlp_gemms", "matmul_2048"}
+    assert all(v > 0 for v in k["ours"].values()) and k["torch_1"] is None
+    # the kernel shapes are the decoder's: mu/8 at 32 px has 16 patches + CLS, decoder width 32
+    assert profile_train_step.kernel_spec("mu/8", 2, 32, 1) == {"rows": 34, "width": 32, "hidden": 128, "tokens": 17,
+                                                                 "heads": 2, "repeats": 1}
 
 
 def test_pod_plan_mesh_choice_keeps_every_weight_sharded():

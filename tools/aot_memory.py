@@ -34,6 +34,13 @@ def load_config(name: str, arg: str = ""):
     return mod.get_config(arg)
 
 
+def accelerator_attention(config) -> None:
+    """Plan with the attention an accelerator compiles (one jax.nn.dot_product_attention op): the model's default
+    on CPU is the head-grouped variant (`layers.attention`), a CPU-speed choice with its own buffers."""
+    if config.model.attention_impl is None:
+        config.model.attention_impl = "xla"
+
+
 def analyse(config, mesh) -> dict:
     """Compile the train step of `config` on `mesh` from abstract inputs; per-device bytes and timings."""
     import jax
@@ -128,6 +135,7 @@ def main(argv=None) -> int:
             config.model.dtype = args.dtype
         if args.remat:
             config.model.remat = args.remat
+        accelerator_attention(config)
         rows.append(analyse(config, mesh))
         print(f"compiled {name}: {rows[-1]['compile_s']} s", file=sys.stderr, flush=True)
     print_table(rows)

@@ -42,6 +42,7 @@ def compile_at_depth(name: str, depth: int, mesh_shape: tuple[int, int], global_
     config.input.global_batch = global_batch
     config.model.dtype = dtype
     config.model.remat = remat
+    aot_memory.accelerator_attention(config)
     n = mesh_shape[0] * mesh_shape[1]
     mesh = sharding.make_mesh((mesh_shape[0], mesh_shape[1], 1), devices=jax.devices()[:n])
     real = train.model_config

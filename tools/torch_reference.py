@@ -11,7 +11,10 @@ Worker protocol (used by `tools/bench_train.py`, one process kept alive so round
     stdin:  "eager 2" | "compile 2" | "forward 2" | "forward_compile 2" | "quit"   stdout: one JSON line per command
     (eager / compile: train steps; forward / forward_compile: the encoder's inference forward, CLS + mean pooling)
 
-`--check` prints versions and whether torch.compile works on this CPU.
+`--check` prints versions and whether torch.compile works on this CPU. `--kernels '{"rows": 520, "width": 512,
+"hidden": 2048, "tokens": 65, "heads": 16, "repeats": 20}'` prints the median milliseconds of the decoder block's
+kernels (GELU, LayerNorm, softmax, attention fused (SDPA) and unfused, the batched QK^T matmul, the MLP's three
+GEMMs) and of a 2048^3 matmul, at 1 and 2 threads (see `tools/profile_train_step.py`).
 """
 from __future__ import annotations
 
@@ -159,8 +162,71 @@ def worker(spec: dict) -> None:
                   flush=True)
 
 
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def kernel_cases(spec: dict) -> dict:
+    """name -> zero-argument callable; the same cases, at the same shapes, as profile_train_step.jax_kernel_cases."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    hid = torch.randn(spec["rows"], spec["hidden"], generator=g)
+    act = torch.randn(spec["rows"], spec["width"], generator=g)
+    scores = torch.randn(spec["rows"] // spec["tokens"] * spec["heads"] * spec["tokens"], spec["tokens"], generator=g)
+    a = torch.randn(2048, 2048, generator=g)
+    hid_g = hid.clone().requires_grad_()
+
+    def gelu_fwd_bwd():
+        hid_g.grad = None
+        F.gelu(hid_g).sum().backward()
+
+    b, t, n = spec["rows"] // spec["tokens"], spec["tokens"], spec["heads"]
+    hd = spec["width"] // n
+    qkv = [torch.randn(b, n, t, hd, generator=g).requires_grad_() for _ in range(3)]
+    qb = torch.randn(b * n, t, hd, generator=g)
+    w1 = torch.randn(spec["hidden"], spec["width"], generator=g)  # nn.Linear layout (out, in)
+
+    def attn_fwd_bwd(fn):
+        def run():
+            for x in qkv:
+                x.grad = None
+            fn(*qkv).sum().backward()
+        return run
+
+    def unfused(q, k, v):
+        return ((q * hd ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+
+    return {"gelu": lambda: F.gelu(hid), "gelu_fwd_bwd": gelu_fwd_bwd,
+            "layer_norm": lambda: F.layer_norm(act, (spec["width"],), eps=1e-6),
+            "softmax": lambda: scores.softmax(-1),
+            "attention_fwd_bwd": attn_fwd_bwd(F.scaled_dot_product_attention),
+            "attention_unfused_fwd_bwd": attn_fwd_bwd(unfused),
+            "batched_qk": lambda: qb @ qb.transpose(1, 2),
+            "mlp_gemms": lambda: (F.linear(act, w1), hid @ w1, hid.t() @ act), "matmul_2048": lambda: a @ a}
+
+
+def kernels(spec: dict) -> dict:
+    out = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            cases = kernel_cases(spec)
+        out[str(threads)] = {k: _median_ms(fn, spec.get("repeats", 20)) for k, fn in cases.items()}
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--kernels":
+        print(json.dumps(kernels(json.loads(argv[1]))))
+        return 0
     if argv and argv[0] == "--worker":
         worker(json.loads(argv[1]))
         return 0

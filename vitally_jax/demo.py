@@ -295,21 +295,34 @@ def load_features(workdir: pathlib.Path, outputs: dict, pooling: str) -> dict:
     return feats
 
 
-def _probe_table(config, outputs: dict, pooling: str, *, with_baseline: bool):
-    """The probe sweep table of both encoders (and the image-statistics baseline) with one pooling."""
+def _probe_table(config, outputs: dict, pooling: str, *, sources=("mae", "random_init", "image_stats")):
+    """The probe sweep table of the named feature sources (both encoders, the image-statistics baseline) with one
+    pooling. Sources are probed independently, so tables of disjoint sources concatenate (`_merge_tables`)."""
     from vitally_jax import probe_sweep
     from vitally_jax.linear_probe import make_probe
 
-    feats = load_features(None, outputs, pooling)
-    if not with_baseline:
-        feats.pop("image_stats")
+    feats = {k: v for k, v in load_features(None, outputs, pooling).items() if k in sources}
     wells_f, wells = well_table(outputs["screen"]["store"], {k: v[1] for k, v in feats.items()})
-    names = {"mae": "model", "random_init": "random_init", "image_stats": "image_stats"}
-    sources = {names[k]: (wells_f[k], list(v[0])) for k, v in feats.items()}
+    sources = {_SOURCE_NAMES[k]: (wells_f[k], list(v[0])) for k, v in feats.items()}
     options = {"perturbation": {"test_fraction": float(config.probe.test_fraction)},
                "gene_groups": {"n_splits": int(config.probe.folds), "min_size": int(config.probe.group_min_size),
                                "max_size": int(config.probe.group_max_size), "seed": int(config.seed)}}
     return probe_sweep.run_sweep(sources, wells, task_options=options, probe=make_probe(config.probe.backend))
+
+
+_SOURCE_NAMES = {"mae": "model", "random_init": "random_init", "image_stats": "image_stats"}
+
+
+def _merge_tables(*tables):
+    """Concatenate sweep tables of disjoint sources in run_sweep's own row order (task, then source)."""
+    import pandas as pd
+
+    from vitally_jax import probe_sweep
+
+    t = pd.concat(tables, ignore_index=True)
+    order = list(_SOURCE_NAMES.values())
+    key = t["task"].map(list(probe_sweep.TASKS).index) * len(order) + t["source"].map(order.index)
+    return t.iloc[key.argsort(kind="stable")].reset_index(drop=True)
 
 
 def _model_score(table, b_star: dict) -> float:
@@ -326,7 +339,7 @@ def _pooling_sensitivity(config, outputs: dict, tables: dict, used: str):
 
     rows = []
     for pool in _csv(config.embed.poolings):
-        t = tables[pool] if pool in tables else _probe_table(config, outputs, pool, with_baseline=False)
+        t = tables[pool] if pool in tables else _probe_table(config, outputs, pool, sources=("mae", "random_init"))
         for task, g in t[t["source"] != "image_stats"].groupby("task", sort=False):
             best = g.groupby("source")["score"].max()
             rows.append({"pooling": pool, "task": task, "trained MAE (best block)": float(best.get("model")),
@@ -348,11 +361,15 @@ def stage_probe(config, workdir: pathlib.Path, outputs: dict) -> dict:
     scores, tables = {}, {}
     if len(poolings) > 1:
         for pooling in poolings:
-            tables[pooling] = _probe_table(config, outputs, pooling, with_baseline=False)
+            tables[pooling] = _probe_table(config, outputs, pooling, sources=("mae", "random_init"))
             scores[pooling] = _model_score(tables[pooling], probe_sweep.best_blocks(tables[pooling]))
             log(f"  pooling {pooling:<9} trained-model probe accuracy at b* {scores[pooling]:.3f}")
-    pooling = max(scores, key=scores.get) if scores else poolings[0]
-    table = _probe_table(config, outputs, pooling, with_baseline=True)
+        pooling = max(scores, key=scores.get)
+        # the encoders' table at the chosen pooling is already computed: add only the baseline
+        table = _merge_tables(tables[pooling], _probe_table(config, outputs, pooling, sources=("image_stats",)))
+    else:
+        pooling = poolings[0]
+        table = _probe_table(config, outputs, pooling)
     out_dir = workdir / "probe"
     b_star = probe_sweep.write_sweep(table, out_dir, extra={"pooling": pooling, "pooling_scores": scores})
     _save_parquet(out_dir / "pooling_sensitivity.parquet",

@@ -87,9 +87,40 @@ def drop_path(x: jax.Array, rate, key: jax.Array | None) -> jax.Array:
     return jnp.where(mask, x / keep, jnp.zeros_like(x)).astype(x.dtype)
 
 
+ATTENTION_IMPLS = (None, "xla", "cudnn", "head_groups")
+
+
 def attention(q, k, v, impl: str | None):
-    """Multi-head softmax attention; q (B, Tq, N, h), k/v (B, Tk, N, h) -> (B, Tq, N, h); scale 1/sqrt(h)."""
+    """Multi-head softmax attention; q (B, Tq, N, h), k/v (B, Tk, N, h) -> (B, Tq, N, h); scale 1/sqrt(h).
+
+    impl: "xla" / "cudnn" -> `jax.nn.dot_product_attention` with that implementation; "head_groups" -> the same
+    attention computed as independent groups of two heads (`head_group_attention`); None -> "head_groups" when
+    compiling for CPU, else `jax.nn.dot_product_attention`'s own choice.
+    """
+    if impl == "head_groups" or (impl is None and jax.default_backend() == "cpu"):
+        return head_group_attention(q, k, v)
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def head_group_attention(q, k, v, heads_per_group: int = 2):
+    """Softmax attention as independent groups of heads, concatenated; same shapes and result as
+    `jax.nn.dot_product_attention` (to float32 rounding).
+
+    Why: XLA:CPU runs each batched matmul and each elementwise fusion on its own, and its batched
+    (T x h) @ (h x T) matmuls over all B x N heads run at about half the rate of PyTorch's bmm. Split into groups,
+    the per-group matmuls and softmaxes are independent, and XLA's executor runs them concurrently on all cores:
+    the MAE decoder's attention over 257 tokens (batch 32, 16 heads of 32) takes 0.68 s instead of 1.1 s forward +
+    backward, and the S/16 train step at 256 px 12% less time (`tools/profile_train_step.py`)."""
+    n = q.shape[2]
+    g = heads_per_group if n % heads_per_group == 0 else 1
+    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+
+    def one(sl):
+        s = jnp.einsum("bqnh,bknh->bnqk", q[:, :, sl] * scale, k[:, :, sl], preferred_element_type=jnp.float32)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        return jnp.einsum("bnqk,bknh->bqnh", p, v[:, :, sl])
+
+    return jnp.concatenate([one(slice(i, i + g)) for i in range(0, n, g)], axis=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------

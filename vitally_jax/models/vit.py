@@ -17,9 +17,9 @@ Usage:
     latent, mask, ids_restore = enc.encode_masked(x, noise, 0.75)   # noise: U[0,1) (B, L)
 
 Options (`vit_config(variant, **overrides)`): `remat` ('none'|'full'|'dots_saveable'), `dtype`
-('float32'|'bfloat16'; params stay float32), `attention_impl` (None|'xla'|'cudnn'), `drop_path_rate`,
-`block` ('parallel' | 'prenorm'), `channel_agnostic`, `max_in_chans`. Position tables are fixed sin-cos
-constants recomputed for the input grid, never parameters.
+('float32'|'bfloat16'; params stay float32), `attention_impl` (None|'xla'|'cudnn'|'head_groups', see
+`layers.attention`), `drop_path_rate`, `block` ('parallel' | 'prenorm'), `channel_agnostic`, `max_in_chans`.
+Position tables are fixed sin-cos constants recomputed for the input grid, never parameters.
 """
 from __future__ import annotations
 
@@ -113,6 +113,8 @@ def _validate(cfg: ViTConfig, variant: str) -> None:
         raise ConfigError(f"model {variant}: width {cfg.width} must be divisible by 4 (sin-cos positions)")
     if cfg.img_size % cfg.patch_size:
         raise ConfigError(f"model {variant}: img_size {cfg.img_size} not divisible by patch_size {cfg.patch_size}")
+    if cfg.attention_impl not in layers.ATTENTION_IMPLS:
+        raise ConfigError(f"model.attention_impl: {cfg.attention_impl!r}; expected one of {list(layers.ATTENTION_IMPLS)}")
     if cfg.block not in ("parallel", "prenorm"):
         raise ConfigError(f"model.block: {cfg.block!r}; expected 'parallel' or 'prenorm'")
     if cfg.global_pool not in ("token", "avg"):
