@@ -31,16 +31,25 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_train  # noqa: E402
 
 
-def _ours(variant: str, batch: int, crop: int, steps: int, **kw) -> float:
-    run, state, _, _ = bench_train.build_jax_step(variant, batch, crop, **kw)
-    for _ in range(2):
-        state, _ = run(state)
+def _median_s(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of `repeats` calls of fn() after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
     times = []
-    for _ in range(steps):
+    for _ in range(repeats):
         t = time.perf_counter()
-        state, _ = run(state)
+        fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _ours(variant: str, batch: int, crop: int, steps: int, **kw) -> float:
+    run, state, _, _ = bench_train.build_jax_step(variant, batch, crop, **kw)
+    box = [state]
+
+    def step():
+        box[0], _ = run(box[0])
+    return _median_s(step, steps, warmup=2)
 
 
 def _torch(variant: str, batch: int, crop: int, steps: int, dec_depth: int, threads: int = 2) -> float | None:
@@ -72,7 +81,7 @@ def jax_kernel_cases(spec: dict) -> dict:
 
     from vitally_jax.models.layers import attention, layer_norm
 
-    k = jax.random.split(jax.random.key(0), 4)
+    k = jax.random.split(jax.random.key(0), 7)
     hid = jax.random.normal(k[0], (spec["rows"], spec["hidden"]))
     act = jax.random.normal(k[1], (spec["rows"], spec["width"]))
     scores = jax.random.normal(k[2], (spec["rows"] // spec["tokens"] * spec["heads"] * spec["tokens"],
@@ -80,8 +89,8 @@ def jax_kernel_cases(spec: dict) -> dict:
     a = jax.random.normal(k[3], (2048, 2048))
     ones, zeros = jnp.ones(spec["width"]), jnp.zeros(spec["width"])
     b, t, n = spec["rows"] // spec["tokens"], spec["tokens"], spec["heads"]
-    qkv = tuple(jax.random.normal(kk, (b, t, n, spec["width"] // n)) for kk in jax.random.split(k[0], 3))
-    qb = jax.random.normal(k[1], (b * n, t, spec["width"] // n))
+    qkv = tuple(jax.random.normal(kk, (b, t, n, spec["width"] // n)) for kk in jax.random.split(k[4], 3))
+    qb = jax.random.normal(k[5], (b * n, t, spec["width"] // n))
 
     def attn_fwd_bwd(impl):
         return jax.jit(jax.grad(lambda *x: jnp.sum(attention(*x, impl)), argnums=(0, 1, 2)))
@@ -95,7 +104,7 @@ def jax_kernel_cases(spec: dict) -> dict:
            "batched_qk": (jax.jit(lambda x: jnp.einsum("bqh,bkh->bqk", x, x)), qb),
            # the MLP's three GEMMs (forward, input grad, weight grad): X @ W1, G @ W1^T, X^T @ G
            "mlp_gemms": (jax.jit(lambda xs: (xs[0] @ xs[1], xs[2] @ xs[1].T, xs[0].T @ xs[2])),
-                         (act, jax.random.normal(k[2], (spec["width"], spec["hidden"])), hid)),
+                         (act, jax.random.normal(k[6], (spec["width"], spec["hidden"])), hid)),
            "matmul_2048": (jax.jit(lambda x: x @ x), a)}
     return {name: (lambda f=f, x=x: jax.block_until_ready(f(x))) for name, (f, x) in fns.items()}
 
@@ -106,20 +115,19 @@ def kernels(spec: dict) -> dict:
 
     out = {"ours": {}, "torch_1": None, "torch_2": None}
     for name, fn in jax_kernel_cases(spec).items():
-        fn()
-        times = []
-        for _ in range(spec["repeats"]):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        out["ours"][name] = statistics.median(times) * 1e3
-    if bench_train.torch_available() is None:
+        out["ours"][name] = _median_s(fn, spec["repeats"]) * 1e3
+    reason = bench_train.torch_available()
+    if reason is None:
         r = subprocess.run([bench_train.TORCH_PY, str(bench_train.ROOT / "tools" / "torch_reference.py"),
                             "--kernels", json.dumps(spec)], capture_output=True, text=True, timeout=600,
                            cwd=bench_train.ROOT)
         if r.returncode == 0:
             t = json.loads(r.stdout.strip().splitlines()[-1])
             out["torch_1"], out["torch_2"] = t["1"], t["2"]
+        else:
+            reason = (r.stderr.strip().splitlines() or ["failed"])[-1]
+    if reason is not None:
+        print(f"PyTorch kernels not measured: {reason}", file=sys.stderr)
     return out
 
 

@@ -295,6 +295,9 @@ def load_features(workdir: pathlib.Path, outputs: dict, pooling: str) -> dict:
     return feats
 
 
+_SOURCE_NAMES = {"mae": "model", "random_init": "random_init", "image_stats": "image_stats"}  # store -> sweep
+
+
 def _probe_table(config, outputs: dict, pooling: str, *, sources=("mae", "random_init", "image_stats")):
     """The probe sweep table of the named feature sources (both encoders, the image-statistics baseline) with one
     pooling. Sources are probed independently, so tables of disjoint sources concatenate (`_merge_tables`)."""
@@ -303,14 +306,11 @@ def _probe_table(config, outputs: dict, pooling: str, *, sources=("mae", "random
 
     feats = {k: v for k, v in load_features(None, outputs, pooling).items() if k in sources}
     wells_f, wells = well_table(outputs["screen"]["store"], {k: v[1] for k, v in feats.items()})
-    sources = {_SOURCE_NAMES[k]: (wells_f[k], list(v[0])) for k, v in feats.items()}
+    by_name = {_SOURCE_NAMES[k]: (wells_f[k], list(v[0])) for k, v in feats.items()}
     options = {"perturbation": {"test_fraction": float(config.probe.test_fraction)},
                "gene_groups": {"n_splits": int(config.probe.folds), "min_size": int(config.probe.group_min_size),
                                "max_size": int(config.probe.group_max_size), "seed": int(config.seed)}}
-    return probe_sweep.run_sweep(sources, wells, task_options=options, probe=make_probe(config.probe.backend))
-
-
-_SOURCE_NAMES = {"mae": "model", "random_init": "random_init", "image_stats": "image_stats"}
+    return probe_sweep.run_sweep(by_name, wells, task_options=options, probe=make_probe(config.probe.backend))
 
 
 def _merge_tables(*tables):

@@ -109,8 +109,8 @@ def head_group_attention(q, k, v, heads_per_group: int = 2):
     Why: XLA:CPU's batched (T x h) @ (h x T) matmuls over all B x N heads run at about half the rate of PyTorch's
     bmm. Split into groups, the smaller batched matmuls run faster, and the independent groups' matmuls and
     softmaxes can run concurrently in XLA's executor:
-    the MAE decoder's attention over 257 tokens (batch 32, 16 heads of 32) takes 0.68 s instead of 1.1 s forward +
-    backward, and the S/16 train step at 256 px 12% less time (`tools/profile_train_step.py`)."""
+    the MAE decoder's attention over 257 tokens (batch 32, 16 heads of 32) takes 518 instead of 847 ms forward +
+    backward, and the S/16 train step at 256 px 7% less time (40.5 vs 43.4 s; `tools/profile_train_step.py`)."""
     n = q.shape[2]
     g = heads_per_group if n % heads_per_group == 0 else 1
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
