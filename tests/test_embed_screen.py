@@ -9,7 +9,7 @@ from flax import nnx
 import vitally_jax.probe as probe
 from vitally_jax.data.store import ImageStore, write_store
 from vitally_jax.embed_screen import EmbeddingStore, embed_screen, export_anndata, export_parquet, well_features
-from vitally_jax.errors import ConfigError, DataError
+from vitally_jax.errors import ConfigError, DataError, OutputError
 from vitally_jax.models.vit import ViTEncoder, vit_config
 
 POOL = ("cls_norm", "mean")
@@ -63,7 +63,7 @@ def test_store_holds_mean_of_tile_embeddings(encoder, store, reference):
     img = store.read(5)
     tiles = np.stack([img[y:y + 16, x:x + 16] for y in (0, 16) for x in (0, 16)])
     direct = probe.embed(encoder, tiles, pooling="mean", batch_size=8)["mean"].mean(axis=0)  # (nb, D)
-    np.testing.assert_allclose(feats[:, 5], direct, atol=1e-6)
+    np.testing.assert_allclose(feats[:, 5], direct, atol=1e-5)  # other batches, another tile-mean order: a few ulps
     np.testing.assert_array_equal(s.features("mean", [3, 1]), feats[[2, 0]])
 
 
@@ -114,7 +114,7 @@ def test_processes_split_chunks(encoder, store, reference, tmp_path):
 
 
 def test_settings_change_refused(encoder, store, reference):
-    with pytest.raises(ConfigError, match=r"different settings.*crop"):
+    with pytest.raises(OutputError, match=r"different settings.*crop"):
         embed_screen(encoder, store, reference, **{**RUN, "crop": 32})
     with pytest.raises(ConfigError, match="dtype"):
         embed_screen(encoder, store, reference, **{**RUN, "dtype": "int8"})

@@ -119,7 +119,7 @@ def test_bad_input_leaves_nothing(tmp_path, case, match):
 
     write_store(tmp_path / "old", _images(1), _meta(1), CH)  # an existing store at the target stays intact
     with pytest.raises(DataError, match=match) as err:
-        write_store(tmp_path / "old", gen(), meta, names)
+        write_store(tmp_path / "old", gen(), meta, names, overwrite=True)
     assert "\n" not in str(err.value)
     assert _leftovers(tmp_path) == ["old"]
     np.testing.assert_array_equal(ImageStore.open(tmp_path / "old").read(0), _images(1)[0])

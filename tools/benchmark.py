@@ -74,12 +74,19 @@ def main(argv=None) -> int:
     ap.add_argument("--map-null-size", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace a benchmark report already at --out (nothing else is ever replaced)")
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
 
     def work():
         from vitally_jax.benchmarks import benchmark
+        from vitally_jax.benchmarks.report import KIND
         from vitally_jax.benchmarks.suite import ALL
+        from vitally_jax.fileio import check_output
+
+        inputs = [a.embeddings, a.metadata]
+        check_output(a.out, KIND, overwrite=a.overwrite, inputs=inputs)  # before any work
         x = read_embeddings(a.embeddings)
         try:
             md = pd.read_parquet(a.metadata)
@@ -91,7 +98,7 @@ def main(argv=None) -> int:
                         aggregate_method=a.aggregate,
                         negative_controls=a.negative_controls.split(",") if a.negative_controls else None,
                         map_null_size=a.map_null_size, seed=a.seed, include=tuple(b for b in ALL if b not in skip))
-        out = rep.write(a.out, plots=not a.no_plots)
+        out = rep.write(a.out, plots=not a.no_plots, overwrite=a.overwrite, inputs=inputs)
         print(rep.to_markdown())
         print(f"wrote {out}")
         return 0

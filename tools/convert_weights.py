@@ -17,8 +17,11 @@ Layouts of the input: `timm-vit` (bare timm ViT, Recursion settings; `--prefix` 
 or `safetensors` (timm layout; OpenPhenom files are re-written whole in their own layout unless
 `--encoder-only`; DINOv2 in `--dinov2-layout`).
 
+An existing output is replaced only with `--overwrite`, and only if it is of the same kind and was written by
+vitally_jax; an output equal to or inside the input is refused.
+
 Exit codes: 0 ok, 6 weight file problems (missing/unexpected/wrongly shaped keys, unreadable file), 3 bad options,
-5 checkpoint problems, 8 unwritable output. `--debug` shows tracebacks.
+5 checkpoint problems, 8 unwritable output, 10 output refused. `--debug` shows tracebacks.
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--encoder-only", action="store_true", help="openphenom -> safetensors: timm encoder only")
     ap.add_argument("--decoder-heads", type=int, default=16, help="openphenom: decoder block heads (not in the file)")
     ap.add_argument("--dinov2-layout", default="timm", choices=("timm", "meta"), help="dinov2 safetensors layout")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an output of the same kind written by vitally_jax (nothing else is replaced)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap
 
@@ -53,7 +58,9 @@ def convert(args) -> int:
     from flax import nnx
 
     from vitally_jax.errors import ConfigError
+    from vitally_jax.fileio import check_output
     from vitally_jax.interop import export, openphenom, timm_vit
+    from vitally_jax.interop.readers import SAFETENSORS_KIND
     from vitally_jax.interop import dinov2 as dino
 
     out_bias = args.out_mlp_bias or args.mlp_bias
@@ -61,20 +68,23 @@ def convert(args) -> int:
         raise ConfigError("--num-blocks: only with --to orbax")
     if args.to == "safetensors" and not args.output.endswith(".safetensors"):
         raise ConfigError(f"{args.output}: a safetensors output must end with .safetensors")
+    kind = "encoder export" if args.to == "orbax" else SAFETENSORS_KIND
+    check_output(args.output, kind, overwrite=args.overwrite, inputs=[args.input])
+    ow = {"overwrite": args.overwrite, "inputs": [args.input]}
 
     if args.layout == "dinov2":
         if args.to == "orbax":
             raise ConfigError("--layout dinov2: Orbax encoder exports hold our ViT encoders; write DINOv2 models "
                               "with --to safetensors")
         model = dino.load_dinov2(args.input, variant=args.variant)
-        path = export.export_dinov2(args.output, model, layout=args.dinov2_layout)
+        path = export.export_dinov2(args.output, model, layout=args.dinov2_layout, overwrite=args.overwrite)
         return _report(path, model)
 
     if args.layout == "openphenom" and args.to == "safetensors" and not args.encoder_only:
         mae = openphenom.load_openphenom(args.input, mlp_bias=args.mlp_bias, decoder_heads=args.decoder_heads)
         if args.variant is not None:
             timm_vit.load_timm_vit(args.input, prefix=openphenom.ENC, variant=args.variant, mlp_bias=args.mlp_bias)
-        path = export.export_openphenom(args.output, mae, mlp_bias=out_bias)
+        path = export.export_openphenom(args.output, mae, mlp_bias=out_bias, overwrite=args.overwrite)
         return _report(path, mae)
 
     if args.layout == "export":
@@ -88,9 +98,9 @@ def convert(args) -> int:
     if args.to == "orbax":
         from vitally_jax.checkpoint import export_encoder
 
-        path = export_encoder(args.output, nnx.state(encoder), encoder.cfg, num_blocks=args.num_blocks)
+        path = export_encoder(args.output, nnx.state(encoder), encoder.cfg, num_blocks=args.num_blocks, **ow)
     else:
-        path = export.export_timm_vit(args.output, encoder, mlp_bias=out_bias)
+        path = export.export_timm_vit(args.output, encoder, mlp_bias=out_bias, overwrite=args.overwrite)
     return _report(path, encoder)
 
 

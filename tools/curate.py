@@ -29,6 +29,7 @@ def _parse(argv):
     p.add_argument("--image-statistics", action="store_true", help="add per-image statistics as an embedding set")
     p.add_argument("--out", required=True, help="curated index Parquet to write")
     p.add_argument("--report", default=None, help="report path prefix (default: <out without .parquet>.report)")
+    p.add_argument("--overwrite", action="store_true", help="replace curation outputs already at --out/--report")
     p.add_argument("--no-quality", action="store_true", help="skip the image-quality filters")
     p.add_argument("--batch-size", type=int, default=32, help="images read at a time for quality measures")
     p.add_argument("--min-experiments", type=int, default=d.min_experiments)
@@ -41,6 +42,10 @@ def _parse(argv):
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--normalize", default=d.normalize, choices=["plate", "experiment", "none"])
+    p.add_argument("--whiten", default=d.whiten, choices=["controls", "none"],
+                   help="whiten well embeddings on the negative controls of the other experiments")
+    p.add_argument("--null-pool", default=d.null_pool, choices=["controls", "all"],
+                   help="wells the permutation null is drawn from (controls: calibrated; all: the paper's random wells)")
     p.add_argument("--blank-max-contrast", type=float, default=d.blank_max_contrast)
     p.add_argument("--saturated-max-fraction", type=float, default=d.saturated_max_fraction)
     p.add_argument("--focus-min-ratio", type=float, default=d.focus_min_ratio)
@@ -60,6 +65,7 @@ def main(argv=None) -> int:
             min_experiments=args.min_experiments, min_wells=args.min_wells,
             keep_positive_controls=args.positive_controls, keep_negative_controls=args.negative_controls,
             n_permutations=args.permutations, alpha=args.alpha, seed=args.seed, normalize=args.normalize,
+            whiten=args.whiten, null_pool=args.null_pool,
             blank_max_contrast=args.blank_max_contrast, saturated_max_fraction=args.saturated_max_fraction,
             focus_min_ratio=args.focus_min_ratio, focus_min=args.focus_min)
         sets = {}
@@ -70,6 +76,8 @@ def main(argv=None) -> int:
             if name in sets:
                 raise ConfigError(f"--embeddings: the name {name!r} is given twice")
             sets[name] = path
+        inputs = [args.store] + [p for p in sets.values()]
+        curation.check_curation_outputs(args.out, args.report, overwrite=args.overwrite, inputs=inputs)
         t0 = time.perf_counter()
         store = ImageStore.open(args.store)
         if args.image_statistics:
@@ -79,7 +87,7 @@ def main(argv=None) -> int:
         if not sets:
             print("warning: no embedding sets given; the consistency step is skipped", file=sys.stderr)
         result = curation.curate_store(store, sets, cfg, quality=not args.no_quality, batch_size=args.batch_size)
-        curation.write_curation(result, args.out, args.report)
+        curation.write_curation(result, args.out, args.report, overwrite=args.overwrite, inputs=inputs)
         report = args.report or os.path.splitext(args.out)[0] + ".report"
         print(curation.report_markdown(result.report))
         print(f"wrote {args.out} ({len(result.index)} images) and {report}.json/.md "

@@ -50,6 +50,9 @@ def _parse(argv):
     p.add_argument("--level", default="well", choices=["well", "image"])
     p.add_argument("--parquet", default=None, help="Parquet file for --export-block")
     p.add_argument("--h5ad", default=None, help="AnnData .h5ad file for --export-block")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start --out afresh although an embedding store is there (swapped in when complete), and "
+                        "replace export files written earlier; nothing that vitally_jax did not write is replaced")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -67,7 +70,17 @@ def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
 
     def work():
-        from vitally_jax.embed_screen import export_anndata, export_parquet
+        from vitally_jax.embed_screen import ANNDATA_KIND, KIND, TABLE_KIND, export_anndata, export_parquet
+        from vitally_jax.fileio import check_output
+
+        inputs = [p for p in (args.encoder, args.store) if p]
+        embedding = bool(args.encoder or args.store)
+        # refused before any work: outputs that are not ours, or that lie inside an input
+        check_output(args.out, KIND, overwrite=args.overwrite and embedding, resume=not args.overwrite or not embedding,
+                     inputs=inputs)
+        for path, kind in ((args.parquet, TABLE_KIND), (args.h5ad, ANNDATA_KIND)):
+            if path:
+                check_output(path, kind, overwrite=args.overwrite, inputs=inputs + [args.out])
 
         if args.encoder or args.store:
             if not (args.encoder and args.store):
@@ -87,7 +100,7 @@ def main(argv=None) -> int:
                                   pooling=[s for s in args.pooling.split(",") if s], crop=args.crop,
                                   batch_size=args.batch_size, chunk_images=args.chunk_images, dtype=args.dtype,
                                   mesh=mesh, process_index=args.process_index, process_count=args.process_count,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, overwrite=args.overwrite)
             state = "complete" if result["complete"] else "incomplete (other processes or a rerun finish it)"
             print(f"{args.out}: computed {len(result['computed'])} chunks, skipped {len(result['skipped'])} "
                   f"finished ones in {result['seconds']:.1f} s; store {state}")
@@ -96,7 +109,8 @@ def main(argv=None) -> int:
                 raise ConfigError("--export-block needs --parquet and/or --h5ad")
             for path, fn in ((args.parquet, export_parquet), (args.h5ad, export_anndata)):
                 if path:
-                    fn(args.out, path, block=args.export_block, pooling=args.export_pooling, level=args.level)
+                    fn(args.out, path, block=args.export_block, pooling=args.export_pooling, level=args.level,
+                       overwrite=args.overwrite)
                     print(f"wrote {path} (block {args.export_block}, {args.export_pooling}, per {args.level})")
         elif args.parquet or args.h5ad:
             raise ConfigError("--parquet/--h5ad need --export-block")

@@ -40,6 +40,9 @@ def _parse(argv):
     p.add_argument("--chunk-images", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="random-init baseline and fold seed")
     p.add_argument("--trim", default=None, metavar="PATH", help="export the encoder trimmed to the overall b*")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished sweep at --out (built beside it, swapped in when done) and an encoder "
+                        "export at --trim; nothing that vitally_jax did not write is replaced")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -56,7 +59,9 @@ def main(argv=None) -> int:
             jax.config.update("jax_compilation_cache_dir", cache)
         from flax import nnx
 
-        from vitally_jax.checkpoint import export_encoder, load_encoder
+        from vitally_jax.checkpoint import EXPORT_KIND, export_encoder, load_encoder
+        from vitally_jax.fileio import check_output
+        from vitally_jax.probe_sweep import check_sweep_folder as start_sweep_folder_check
         from vitally_jax.linear_probe import make_probe
         from vitally_jax.probe_sweep import sweep_screen
 
@@ -64,6 +69,11 @@ def main(argv=None) -> int:
         tasks = [t for t in args.tasks.split(",") if t]
         if not tasks:
             raise ConfigError("--tasks: give at least one of perturbation, gene_groups")
+        inputs = [args.encoder, args.store]
+        # refused before any work: outputs that are not ours, or that lie inside an input
+        start_sweep_folder_check(args.out, overwrite=args.overwrite, inputs=inputs)
+        if args.trim:
+            check_output(args.trim, EXPORT_KIND, overwrite=args.overwrite, inputs=inputs + [args.out])
         enc, cfg = load_encoder(args.encoder)
         options = {"perturbation": {"test_fraction": args.test_fraction},
                    "gene_groups": {"min_size": args.group_min_size, "max_size": args.group_max_size,
@@ -71,13 +81,14 @@ def main(argv=None) -> int:
         table, b_star = sweep_screen(enc, args.store, args.out, pooling=args.pooling, baselines=baselines,
                                      tasks=tasks, probe=make_probe(args.backend, C=args.C), task_options=options,
                                      crop=args.crop, batch_size=args.batch_size, chunk_images=args.chunk_images,
-                                     seed=args.seed, progress=not args.no_progress)
+                                     seed=args.seed, progress=not args.no_progress, overwrite=args.overwrite)
         best = table.loc[table.groupby(["source", "task"])["score"].idxmax()]
         print(best.rename(columns={"block": "best_block", "score": "balanced_accuracy"}).to_string(index=False))
         print("b*: " + ", ".join(f"{k}={v}" for k, v in b_star.items()) + f" (of {cfg.depth} blocks)")
         print(f"wrote {args.out}/sweep.csv, sweep.json, sweep.png")
         if args.trim:
-            path = export_encoder(args.trim, nnx.state(enc), cfg, num_blocks=b_star["overall"])
+            path = export_encoder(args.trim, nnx.state(enc), cfg, num_blocks=b_star["overall"],
+                                  overwrite=args.overwrite, inputs=inputs + [args.out])
             print(f"wrote {path}: encoder trimmed to {b_star['overall']} blocks")
         return 0
 

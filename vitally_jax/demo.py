@@ -27,8 +27,8 @@ import pathlib
 import time
 from typing import Any, Callable
 
-from vitally_jax.errors import ConfigError
-from vitally_jax.fileio import write_text
+from vitally_jax.errors import ConfigError, OutputError
+from vitally_jax.fileio import check_output, folder_kind, write_marker, write_npy, write_parquet, write_text
 
 STAGES = ("screen", "curate", "pretrain", "embed", "probe", "maps", "benchmarks", "report")
 
@@ -114,6 +114,9 @@ def fresh_dir(path: pathlib.Path, fp: str) -> pathlib.Path:
 
     tag = path / ".demo_fingerprint"
     if path.exists() and not (tag.is_file() and tag.read_text().strip() == fp):
+        if not tag.is_file() and any(path.iterdir()):  # not a stage folder of the demo: not ours to empty
+            raise OutputError(f"{path}: exists and is not a demo stage folder (no .demo_fingerprint); "
+                              "refusing to touch it (move it away or choose another workdir)")
         log(f"  {path} holds outputs of another configuration; starting it afresh")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -132,23 +135,6 @@ def _section(config, name: str) -> dict:
     return sec.to_dict() if hasattr(sec, "to_dict") else dict(sec)
 
 
-def _save_npy(path: pathlib.Path, x) -> None:
-    import numpy as np
-
-    from vitally_jax.fileio import atomic_path
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, x)
-
-
-def _save_parquet(path: pathlib.Path, df) -> None:
-    from vitally_jax.fileio import atomic_path
-
-    with atomic_path(path) as tmp:
-        df.to_parquet(tmp, index=False)
-
-
 # -------------------------------------------------------------------------------------------------- stages
 def stage_screen(config, workdir: pathlib.Path) -> dict:
     """Generate the synthetic screen into WORKDIR/screen unless a store is given or already there."""
@@ -163,9 +149,10 @@ def stage_screen(config, workdir: pathlib.Path) -> dict:
 
     path = workdir / "screen"
     cfg = synthetic_config(config)
-    if not ((path / "store.json").is_file() and (path / "world_pairs.parquet").is_file()):
+    if not ((path / "store.json").is_file() and (path / "world_pairs.parquet").is_file()
+            and ImageStore.open(path).attrs.get("config") == synthetic.config_attrs(cfg)):
         log(f"generating the synthetic screen (preset {config.screen.preset!r}) into {path}")
-        synthetic.generate_screen(path, cfg)
+        synthetic.generate_screen(path, cfg, overwrite=True)  # replaces only a store of its own
     store = ImageStore.open(path)
     meta = store.metadata
     log(f"screen: {len(store)} images of {store.shape[1]}x{store.shape[2]}x{store.shape[3]}, "
@@ -192,7 +179,7 @@ def stage_curate(config, workdir: pathlib.Path, store_path: str) -> dict:
     store = ImageStore.open(store_path)
     t0 = time.perf_counter()
     stats = store_image_statistics(store)
-    _save_npy(workdir / "features" / "image_stats.npy", stats)
+    write_npy(workdir / "features" / "image_stats.npy", stats)
     log(f"image statistics: {stats.shape[1]} features per image in {time.perf_counter() - t0:.1f} s")
     out = {"image_stats": str(workdir / "features" / "image_stats.npy"), "index": None}
     if not config.curate.enabled:
@@ -206,7 +193,7 @@ def stage_curate(config, workdir: pathlib.Path, store_path: str) -> dict:
                           alpha=cc.alpha, seed=config.seed)
     result = curate_store(store, {"image_stats": stats}, ccfg, quality=cc.quality)
     index = workdir / "curation" / "curated_index.parquet"
-    write_curation(result, index)
+    write_curation(result, index, overwrite=True)  # its own outputs inside the demo workdir
     steps = result.report["steps"]
     for s in steps:
         log(f"  curation {s['step']:<22} images {s.get('images', ''):>6}  perturbations {s.get('perturbations', '')}")
@@ -229,6 +216,8 @@ def stage_pretrain(config, workdir: pathlib.Path, store_path: str, index: str | 
     tcfg.input.index = index
     tcfg.checkpoint.export_encoder = True
     tdir = fresh_dir(workdir / "train", fp)
+    if folder_kind(tdir) is None:
+        write_marker(tdir, "training workdir", created_by="vitally_jax.demo")
     summary = train_and_evaluate(tcfg, str(tdir))
     if summary.get("stopped", "done") != "done":
         log(f"pretraining stopped at step {summary.get('step')} ({summary.get('stopped')}); rerun the same command "
@@ -372,7 +361,7 @@ def stage_probe(config, workdir: pathlib.Path, outputs: dict) -> dict:
         table = _probe_table(config, outputs, pooling)
     out_dir = workdir / "probe"
     b_star = probe_sweep.write_sweep(table, out_dir, extra={"pooling": pooling, "pooling_scores": scores})
-    _save_parquet(out_dir / "pooling_sensitivity.parquet",
+    write_parquet(out_dir / "pooling_sensitivity.parquet",
                   _pooling_sensitivity(config, outputs, {**tables, pooling: table}, pooling))
     for task in probe_sweep.TASKS:
         t = table[table["task"] == task]
@@ -389,6 +378,9 @@ def stage_probe(config, workdir: pathlib.Path, outputs: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------- run
+WORKDIR_KIND = "demo workdir"
+
+
 def run(config, workdir: str | os.PathLike | None = None) -> int:
     """Entry point for `vitally_jax.main` (job "demo"): run the pipeline into `workdir` (default
     `config.workdir`); returns the exit status 0. Errors are `VitallyError`s with one-line messages."""
@@ -399,7 +391,11 @@ def run(config, workdir: str | os.PathLike | None = None) -> int:
 def run_pipeline(config, workdir: str | os.PathLike | None = None) -> dict:
     """Run the demo pipeline into `workdir` (default `config.workdir`); returns every stage's outputs."""
     workdir = pathlib.Path(workdir or config.workdir)
+    # the demo resumes its own workdir stage by stage; any other non-empty folder is refused
+    check_output(workdir, WORKDIR_KIND, resume=True, inputs=[config.screen.store])
     workdir.mkdir(parents=True, exist_ok=True)
+    if folder_kind(workdir) is None:
+        write_marker(workdir, WORKDIR_KIND, created_by="vitally_jax.demo")
     force = tuple(_csv(config.force))
     bad = [s for s in force if s not in STAGES]
     if bad:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pathlib
 import time
 
-from vitally_jax.demo import _csv, _save_npy, _save_parquet, load_features, log, well_table
+from vitally_jax.demo import _csv, load_features, log, well_table
+from vitally_jax.fileio import write_npy, write_parquet
 from vitally_jax.errors import ConfigError
 
 MODELS = ("mae_bstar", "mae_last", "random_init", "image_stats")
@@ -40,7 +41,7 @@ def stage_maps(config, workdir: pathlib.Path, outputs: dict) -> dict:
         selected[model] = f[list(blocks).index(block)][None]
     wells_f, wells = well_table(outputs["screen"]["store"], selected)
     out_dir = workdir / "maps"
-    _save_parquet(out_dir / "wells.parquet", wells)
+    write_parquet(out_dir / "wells.parquet", wells)
     alignments = _csv(config.bench.alignments)
     bad = [a for a in alignments if a not in ALIGN_METHODS]
     if bad:
@@ -53,7 +54,7 @@ def stage_maps(config, workdir: pathlib.Path, outputs: dict) -> dict:
             y = align(x, wells, method=ALIGN_METHODS[a], batch_col=config.bench.batch_col,
                                 n_components=n_comp)
             path = out_dir / f"{model}__{a}.npy"
-            _save_npy(path, y.astype(np.float32))
+            write_npy(path, y.astype(np.float32))
             files[f"{model}__{a}"] = str(path)
     log(f"  {len(files)} maps: {len(MODELS)} models x {len(alignments)} alignments, {len(wells)} wells")
     return {"dir": str(out_dir), "wells": str(out_dir / "wells.parquet"), "files": files,
@@ -171,6 +172,6 @@ def stage_benchmarks(config, workdir: pathlib.Path, outputs: dict) -> dict:
         log(f"  benchmarked {labels[model]:<28} {alignment:<16} in {time.perf_counter() - t0:5.1f} s: " +
             " ".join(f"{r['source']}={r['recall']:.3f}" for r in rec))
     out_dir = workdir / "benchmarks"
-    _save_parquet(out_dir / "summary.parquet", pd.DataFrame(summary))
-    _save_parquet(out_dir / "recall.parquet", pd.DataFrame(recall))
+    write_parquet(out_dir / "summary.parquet", pd.DataFrame(summary))
+    write_parquet(out_dir / "recall.parquet", pd.DataFrame(recall))
     return {"summary": str(out_dir / "summary.parquet"), "recall": str(out_dir / "recall.parquet")}

@@ -23,16 +23,19 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import time
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from vitally_jax.errors import ConfigError, DataError
-from vitally_jax.fileio import atomic_path, write_text
+from vitally_jax.errors import ConfigError, DataError, OutputError
+from vitally_jax.fileio import (ARTEFACT_KEY, atomic_path, check_output, folder_kind, swap_in, write_parquet,
+                                write_text)
 
 FORMAT_VERSION = 1
+KIND = "embedding store"  # the artefact kind named in embedding.json (see vitally_jax.fileio)
 MANIFEST = "embedding.json"
 METADATA = "metadata.parquet"
 DONE = "done"
@@ -162,7 +165,7 @@ def _manifest(encoder, image_store, *, blocks, poolings, crop, chunk_images, dty
     cfg = getattr(encoder, "cfg", None)
     cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
     width = int(cfg_dict.get("width", 0)) or None
-    return {"format_version": FORMAT_VERSION, "blocks": list(blocks), "poolings": list(poolings),
+    return {ARTEFACT_KEY: KIND, "format_version": FORMAT_VERSION, "blocks": list(blocks), "poolings": list(poolings),
             "depth": encoder_depth(encoder), "width": width, "num_images": len(image_store),
             "chunk_images": int(chunk_images), "crop": int(crop), "dtype": dtype,
             "tiles_per_image": tiles_per_image(image_store.shape[1], image_store.shape[2], crop),
@@ -170,10 +173,21 @@ def _manifest(encoder, image_store, *, blocks, poolings, crop, chunk_images, dty
             "encoder_config": json.loads(json.dumps(cfg_dict, default=str))}
 
 
+def _same_settings(path: pathlib.Path, manifest: dict) -> bool:
+    """Whether the embedding store at `path` was started with `manifest` (the kind tag aside)."""
+    try:
+        old = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    strip = (lambda d: {k: v for k, v in d.items() if k != ARTEFACT_KEY})
+    return isinstance(old, dict) and strip(old) == strip(manifest)
+
+
 def embed_screen(encoder, image_store, out: str | os.PathLike, *, blocks: Iterable[int] | None = None,
                  pooling: str | Sequence[str] = ("cls_norm", "mean"), crop: int = 256, batch_size: int = 64,
                  chunk_images: int = 64, dtype: str = "float32", mesh=None, process_index: int = 0,
-                 process_count: int = 1, stop_after: int | None = None, progress: bool = True) -> dict:
+                 process_count: int = 1, stop_after: int | None = None, progress: bool = True,
+                 overwrite: bool = False) -> dict:
     """Embed every image of a screen into a resumable per-block store at `out`.
 
     Args:
@@ -183,6 +197,10 @@ def embed_screen(encoder, image_store, out: str | os.PathLike, *, blocks: Iterab
       dtype: 'float32' or 'float16' on disk. mesh: optional mesh (batch sharded over data/fsdp).
       process_index, process_count: this process takes chunks k with k % process_count == process_index.
       stop_after: stop after computing this many chunks (for interrupted-run tests and time-boxed jobs).
+      overwrite: start afresh although an embedding store is at `out`: the new one is built (resumably) in the
+        hidden folder `.OUT.replacement` beside it and swapped in when complete, so the old one stays readable
+        until then. Without it, an embedding store with the same settings is resumed and one with other
+        settings is refused. Anything but an embedding store at `out` is always refused.
 
     Returns: {'computed': [chunk ids computed now], 'skipped': [already done], 'complete': bool, 'seconds': float}.
     """
@@ -197,19 +215,26 @@ def embed_screen(encoder, image_store, out: str | os.PathLike, *, blocks: Iterab
         raise ConfigError(f"chunk_images must be >= 1 and 0 <= process_index < process_count, got "
                           f"{chunk_images}, {process_index}, {process_count}")
     extractor = make_extractor(encoder, blocks=blocks, pooling=pooling, mesh=mesh)
-    out = pathlib.Path(out)
+    final = pathlib.Path(out)
     manifest = _manifest(encoder, image_store, blocks=extractor.blocks, poolings=extractor.poolings, crop=crop,
                          chunk_images=chunk_images, dtype=dtype)
+    inputs = [image_store.path]
+    existed = check_output(final, KIND, overwrite=overwrite, resume=not overwrite, inputs=inputs)
+    out = final
+    if overwrite and existed:
+        out = final.with_name(f".{final.name}.replacement")
+        if out.exists() and not (folder_kind(out) == KIND and _same_settings(out, manifest)):
+            check_output(out, KIND, overwrite=True)  # a replacement of ours with other settings: start it anew
+            shutil.rmtree(out)
     if (out / MANIFEST).is_file():
         old = json.loads((out / MANIFEST).read_text())
-        if old != manifest:
-            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-            raise ConfigError(f"{out}: an embedding store with different settings is here (differs in {diff}); "
-                              "use another output folder")
+        if not _same_settings(out, manifest):
+            diff = sorted(k for k in set(old) | set(manifest) if k != ARTEFACT_KEY and old.get(k) != manifest.get(k))
+            raise OutputError(f"{out}: an embedding store with different settings is here (differs in {diff}); "
+                              "use another output folder, or --overwrite to replace it")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / METADATA) as tmp:
-            image_store.metadata.to_parquet(tmp, index=False)
+        write_parquet(out / METADATA, image_store.metadata)
         write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     (out / DONE).mkdir(exist_ok=True)
 
@@ -241,6 +266,8 @@ def embed_screen(encoder, image_store, out: str | os.PathLike, *, blocks: Iterab
     finally:
         bar.close()
     complete = not EmbeddingStore(out, manifest, image_store.metadata).missing_chunks()
+    if complete and out != final:
+        swap_in(out, final)  # the previous store stays readable until this atomic exchange
     return {"computed": computed, "skipped": sorted(set(mine) - set(todo)), "complete": complete,
             "seconds": time.perf_counter() - t0}
 
@@ -279,32 +306,39 @@ def _feature_table(store: EmbeddingStore, block: int, pooling: str, level: str) 
     raise ConfigError(f"level: expected 'image' or 'well', got {level!r}")
 
 
+TABLE_KIND = "embedding table"
+ANNDATA_KIND = "embedding AnnData"
+
+
 def export_parquet(store: EmbeddingStore | str | os.PathLike, path: str | os.PathLike, *, block: int,
-                   pooling: str = "mean", level: str = "well") -> pathlib.Path:
-    """One block as a Parquet table: metadata columns then feature columns `feature_0000`.. (float32)."""
+                   pooling: str = "mean", level: str = "well", overwrite: bool = False) -> pathlib.Path:
+    """One block as a Parquet table: metadata columns then feature columns `feature_0000`.. (float32).
+
+    An existing file is replaced only with `overwrite=True`, and only if it is such a table written here."""
     store = store if isinstance(store, EmbeddingStore) else EmbeddingStore.open(store)
+    check_output(path, TABLE_KIND, overwrite=overwrite, inputs=[store.path])
     x, meta = _feature_table(store, block, pooling, level)
     feats = pd.DataFrame(x, columns=[f"feature_{i:04d}" for i in range(x.shape[1])])
-    table = pd.concat([meta, feats], axis=1)
-    with atomic_path(path) as tmp:
-        table.to_parquet(tmp, index=False)
-    return pathlib.Path(path)
+    return write_parquet(path, pd.concat([meta, feats], axis=1), TABLE_KIND)
 
 
 def export_anndata(store: EmbeddingStore | str | os.PathLike, path: str | os.PathLike, *, block: int,
-                   pooling: str = "mean", level: str = "well") -> pathlib.Path:
-    """One block as AnnData .h5ad: X (observations, width) float32, obs = metadata, uns = block/pooling/level."""
+                   pooling: str = "mean", level: str = "well", overwrite: bool = False) -> pathlib.Path:
+    """One block as AnnData .h5ad: X (observations, width) float32, obs = metadata, uns = block/pooling/level.
+
+    An existing file is replaced only with `overwrite=True`, and only if it is such an export written here."""
     try:
         import anndata
     except ImportError:
         raise ConfigError("export .h5ad: the 'anndata' package is not installed (pip install anndata)") from None
     store = store if isinstance(store, EmbeddingStore) else EmbeddingStore.open(store)
+    check_output(path, ANNDATA_KIND, overwrite=overwrite, inputs=[store.path])
     x, meta = _feature_table(store, block, pooling, level)
     obs = meta.copy()
     obs.index = (obs["image_id"] if level == "image" else obs["plate"].astype(str) + "/" + obs["well_id"].astype(str)).astype(str)
     obs.index.name = None
     adata = anndata.AnnData(X=x.astype(np.float32), obs=obs)
-    adata.uns["vitally_jax"] = {"block": int(block), "pooling": pooling, "level": level}
+    adata.uns["vitally_jax"] = {"block": int(block), "pooling": pooling, "level": level, ARTEFACT_KEY: ANNDATA_KIND}
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
     return pathlib.Path(path)

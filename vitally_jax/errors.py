@@ -51,3 +51,9 @@ class TrainingDivergedError(VitallyError):
     """A non-finite loss; the last good checkpoint is left intact."""
 
     exit_code = 9
+
+
+class OutputError(VitallyError):
+    """An output path that is not ours to write: someone else's files, an input, or an artefact without --overwrite."""
+
+    exit_code = 10

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from vitally_jax.errors import BenchmarkInputError, ConfigError
-from vitally_jax.fileio import atomic_path, write_text
+from vitally_jax.errors import BenchmarkInputError, ConfigError, OutputError
+from vitally_jax.fileio import ARTEFACT_KEY, atomic_path, check_output, swap_in, write_marker, write_text
 from vitally_jax.gene_groups import functional_gene_groups, gene_labels
 from vitally_jax.linear_probe import LinearProbe, JaxLogisticProbe, balanced_accuracy
 
@@ -190,15 +191,23 @@ def plot_sweep(table: pd.DataFrame, b_star: Mapping[str, int], path: str | pathl
     plt.close(fig)
 
 
+KIND = "probe sweep"  # the artefact kind named in sweep.json (see vitally_jax.fileio)
+
+
 def write_sweep(table: pd.DataFrame, out_dir: str | pathlib.Path, *, extra: Mapping | None = None) -> dict[str, int]:
-    """Write sweep.csv, sweep.json (table, b*, extra info) and sweep.png into out_dir; return b*."""
+    """Write sweep.csv, sweep.json (table, b*, extra info) and sweep.png into out_dir; return b*.
+
+    `out_dir` must be new, empty or a probe sweep folder (`OutputError` otherwise); sweep.json is written last,
+    with `"complete": true`."""
     out_dir = pathlib.Path(out_dir)
+    check_output(out_dir, KIND, resume=True)
     b_star = best_blocks(table)
     with atomic_path(out_dir / "sweep.csv") as tmp:
         table.to_csv(tmp, index=False)
-    payload = {"b_star": b_star, "rows": table.to_dict(orient="records"), **dict(extra or {})}
-    write_text(out_dir / "sweep.json", json.dumps(payload, indent=1, default=float) + "\n")
     plot_sweep(table, b_star, out_dir / "sweep.png")
+    payload = {ARTEFACT_KEY: KIND, "complete": True, "b_star": b_star, "rows": table.to_dict(orient="records"),
+               **dict(extra or {})}
+    write_text(out_dir / "sweep.json", json.dumps(payload, indent=1, default=float) + "\n")
     return b_star
 
 
@@ -219,11 +228,13 @@ def sweep_screen(encoder, image_store, out_dir: str | pathlib.Path, *, pooling: 
                  baselines: Sequence[str] = ("random_init", "image_stats"), tasks: Sequence[str] = TASKS,
                  probe: LinearProbe | None = None, task_options: Mapping | None = None, crop: int = 256,
                  batch_size: int = 64, chunk_images: int = 64, blocks: Sequence[int] | None = None, mesh=None,
-                 seed: int = 0, progress: bool = True) -> tuple[pd.DataFrame, dict[str, int]]:
+                 seed: int = 0, progress: bool = True, overwrite: bool = False) -> tuple[pd.DataFrame, dict[str, int]]:
     """Embed a screen (resumably, into out_dir/embeddings/<source>), probe every block, write the sweep table/plot.
 
     Sources: 'model' (the encoder), optional baselines 'random_init' (same architecture, random weights from
     `seed`) and 'image_stats'. Features are averaged per well before probing. Returns (table, b*).
+    An unfinished sweep at `out_dir` is resumed; a finished one is replaced only with `overwrite=True` (built
+    in `.OUT.replacement` beside it and swapped in when done); anything else at `out_dir` is refused.
     """
     from flax import nnx
 
@@ -235,7 +246,8 @@ def sweep_screen(encoder, image_store, out_dir: str | pathlib.Path, *, pooling: 
         raise ConfigError(f"baselines: expected names from ('random_init', 'image_stats'), got {unknown}")
     if not isinstance(image_store, ImageStore):
         image_store = ImageStore.open(image_store)
-    out_dir = pathlib.Path(out_dir)
+    final = pathlib.Path(out_dir)
+    out_dir = start_sweep_folder(final, overwrite=overwrite, inputs=[image_store.path])
     encoders = {MODEL: encoder}
     if "random_init" in baselines:
         encoders["random_init"] = type(encoder)(encoder.cfg, rngs=nnx.Rngs(seed))
@@ -265,4 +277,41 @@ def sweep_screen(encoder, image_store, out_dir: str | pathlib.Path, *, pooling: 
         extra["gene_groups"] = {k: list(v) for k, v in opts["groups"].items()}
     table = run_sweep(sources, well_meta, tasks=tasks, probe=probe, task_options=options)
     b_star = write_sweep(table, out_dir, extra=extra)
+    if out_dir != final:
+        swap_in(out_dir, final)
     return table, b_star
+
+
+def check_sweep_folder(path: str | pathlib.Path, *, overwrite: bool = False, inputs=()) -> bool:
+    """Refuse `path` as a sweep output unless it is new, empty, an unfinished sweep, or (with `overwrite`) a
+    finished one; returns whether a sweep is there already. Touches nothing."""
+    path = pathlib.Path(path)
+    existed = check_output(path, KIND, overwrite=overwrite, resume=not overwrite, inputs=inputs)
+    marker = _read_marker(path) or {}
+    if existed and not overwrite and marker.get("complete", "b_star" in marker):
+        raise OutputError(f"{path}: a finished probe sweep is here; pass --overwrite to replace it")
+    return existed
+
+
+def start_sweep_folder(path: pathlib.Path, *, overwrite: bool = False, inputs=()) -> pathlib.Path:
+    """Check `path` (see `sweep_screen`) and return the folder to work in, with its marker written."""
+    existed = check_sweep_folder(path, overwrite=overwrite, inputs=inputs)
+    work = path
+    if overwrite and existed:
+        work = path.with_name(f".{path.name}.replacement")
+        if work.exists() and (_read_marker(work) or {}).get("complete"):
+            check_output(work, KIND, overwrite=True)  # ours, finished but never swapped in: start it anew
+            shutil.rmtree(work)
+    check_output(work, KIND, resume=True)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "sweep.json").is_file():
+        write_marker(work, KIND, complete=False)
+    return work
+
+
+def _read_marker(path: pathlib.Path) -> dict | None:
+    try:
+        doc = json.loads((path / "sweep.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None

@@ -10,7 +10,9 @@ import pathlib
 import numpy as np
 import pandas as pd
 
-from vitally_jax.fileio import atomic_path
+from vitally_jax.fileio import ARTEFACT_KEY, atomic_path, check_output
+
+KIND = "benchmark report"  # the artefact kind named in summary.json (see vitally_jax.fileio)
 
 
 @dataclasses.dataclass
@@ -43,13 +45,19 @@ class BenchmarkReport:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
-    def write(self, out_dir: str | os.PathLike, *, plots: bool = True) -> pathlib.Path:
-        """Write summary.csv/json, report.md, one CSV per table and PNG plots into `out_dir` (replaced whole)."""
+    def write(self, out_dir: str | os.PathLike, *, plots: bool = True, overwrite: bool = False,
+              inputs=()) -> pathlib.Path:
+        """Write summary.csv/json, report.md, one CSV per table and PNG plots into `out_dir`, atomically.
+
+        A benchmark report already at `out_dir` is replaced whole only with `overwrite=True`; anything else there
+        (or an `out_dir` inside one of `inputs`) is refused with `OutputError`."""
         out_dir = pathlib.Path(out_dir)
+        check_output(out_dir, KIND, overwrite=overwrite, inputs=inputs)
         with atomic_path(out_dir, is_dir=True) as tmp:
             self.summary_frame().to_csv(tmp / "summary.csv", index=False)
             (tmp / "summary.json").write_text(json.dumps(
-                {"summary": {k: _jsonable(v) for k, v in self.summary.items()}, "notes": self.notes}, indent=1))
+                {ARTEFACT_KEY: KIND, "summary": {k: _jsonable(v) for k, v in self.summary.items()},
+                 "notes": self.notes}, indent=1))
             (tmp / "report.md").write_text(self.to_markdown())
             for name, df in self.tables.items():
                 df.to_csv(tmp / f"{name}.csv", index=False)

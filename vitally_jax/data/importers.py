@@ -34,8 +34,9 @@ import numpy as np
 import pandas as pd
 
 from vitally_jax.data.channels import canonical_order
-from vitally_jax.data.store import write_store
+from vitally_jax.data.store import KIND, write_store
 from vitally_jax.errors import DataError
+from vitally_jax.fileio import check_output
 
 NEGATIVE_CONTROLS = frozenset({"EMPTY", "EMPTY_control", "DMSO", "non-targeting", "JCP2022_033924"})
 RXRX1_TEMPLATE = "{dataset}/{experiment}/Plate{plate}/{well}_s{site}_w{channel}.png"
@@ -136,11 +137,12 @@ def _site_stream(files: list[list[pathlib.Path]], ids: list[str], plates: np.nda
         yield np.stack(chans, axis=-1)
 
 
-def _write(out, meta: pd.DataFrame, files, channel_names, percentiles, attrs) -> pathlib.Path:
+def _write(out, meta: pd.DataFrame, files, channel_names, percentiles, attrs, *, overwrite: bool,
+           inputs) -> pathlib.Path:
     if len(meta) == 0:
         raise DataError(f"{out}: the metadata selects no images")
     stream = _site_stream(files, meta.image_id.tolist(), meta.plate.to_numpy(), percentiles, channel_names)
-    return write_store(out, stream, meta, channel_names, attrs)
+    return write_store(out, stream, meta, channel_names, attrs, overwrite=overwrite, inputs=inputs)
 
 
 def _control_columns(pert: pd.Series, negatives) -> tuple[np.ndarray, np.ndarray]:
@@ -163,14 +165,20 @@ def _rxrx1_template(df: pd.DataFrame, root: pathlib.Path, channel: str) -> str:
 def import_rxrx(metadata_csv: str | os.PathLike, image_root: str | os.PathLike, out: str | os.PathLike, *,
                 path_template: str | None = None, channels: Sequence[str] = ("1", "2", "3", "4", "5", "6"),
                 concentration_unit: str = "uM", negative_controls=NEGATIVE_CONTROLS,
-                percentiles: tuple[float, float] = (0.1, 99.9), limit: int | None = None) -> pathlib.Path:
+                percentiles: tuple[float, float] = (0.1, 99.9), limit: int | None = None,
+                overwrite: bool = False) -> pathlib.Path:
     """Import an RxRx1 or RxRx3(-core) folder into a store at `out` (the flavour is detected from the columns).
+
+    `out` must not be, or lie inside, the image root or the CSV; an image store already there is replaced only
+    with `overwrite=True`, and anything else there is refused (see `vitally_jax.fileio`).
 
     `path_template` is formatted with the metadata row's columns and `channel` (default: see module doc).
     RxRx3-core concentrations are in `concentration_unit` ('uM' or 'nM') and stored in nM. `limit` imports only
     the first rows (for a quick look).
     """
     csv = pathlib.Path(metadata_csv)
+    inputs = [csv, image_root]
+    check_output(out, KIND, overwrite=overwrite, inputs=inputs)
     df = _read_csv(csv)
     if limit is not None:
         df = df.iloc[:limit].reset_index(drop=True)
@@ -237,7 +245,7 @@ def import_rxrx(metadata_csv: str | os.PathLike, image_root: str | os.PathLike, 
     attrs = {"source": flavour, "metadata_csv": str(csv.resolve()), "image_root": str(root.resolve()),
              "path_template": template, "source_channels": [s for s, _ in order],
              "uint16_rule": f"per plate and channel {percentiles[0]}/{percentiles[1]} percentile scaling"}
-    return _write(out, meta, files, [c for _, c in order], percentiles, attrs)
+    return _write(out, meta, files, [c for _, c in order], percentiles, attrs, overwrite=overwrite, inputs=inputs)
 
 
 # ----------------------------------------------------------------------------------------------- JUMP
@@ -256,8 +264,11 @@ def _jump_path(pathname: str, filename: str, image_root: pathlib.Path | None, ba
 def import_jump(load_data_csv: str | os.PathLike, out: str | os.PathLike, *, image_root=None,
                 channels: Sequence[str] = JUMP_CHANNELS, perturbations: pd.DataFrame | str | None = None,
                 perturbation_type: str = "compound", negative_controls=NEGATIVE_CONTROLS,
-                percentiles: tuple[float, float] = (0.1, 99.9), limit: int | None = None) -> pathlib.Path:
+                percentiles: tuple[float, float] = (0.1, 99.9), limit: int | None = None,
+                overwrite: bool = False) -> pathlib.Path:
     """Import a JUMP cpg0016 load_data CSV (+ TIFFs) into a store at `out`.
+
+    `out` is checked as in `import_rxrx` (inputs: the CSV, `image_root`, a perturbations CSV).
 
     Relative PathName_* folders are resolved against `image_root` (default: the CSV's folder); s3:// paths map to
     `image_root/<key>`. Perturbations: `perturbations` (DataFrame or CSV with Metadata_Plate, Metadata_Well,
@@ -265,6 +276,8 @@ def import_jump(load_data_csv: str | os.PathLike, out: str | os.PathLike, *, ima
     Metadata_JCP2022 / Metadata_perturbation column, else none ('' with `perturbation_type`).
     """
     csv = pathlib.Path(load_data_csv)
+    inputs = [csv, image_root, perturbations if not isinstance(perturbations, pd.DataFrame) else None]
+    check_output(out, KIND, overwrite=overwrite, inputs=inputs)
     df = _read_csv(csv)
     if limit is not None:
         df = df.iloc[:limit].reset_index(drop=True)
@@ -323,4 +336,4 @@ def import_jump(load_data_csv: str | os.PathLike, out: str | os.PathLike, *, ima
              for r in df.to_dict("records")]
     attrs = {"source": "jump-cpg0016", "load_data_csv": str(csv.resolve()), "source_channels": [s for s, _ in order],
              "uint16_rule": f"per plate and channel {percentiles[0]}/{percentiles[1]} percentile scaling"}
-    return _write(out, meta, files, [c for _, c in order], percentiles, attrs)
+    return _write(out, meta, files, [c for _, c in order], percentiles, attrs, overwrite=overwrite, inputs=inputs)

@@ -226,11 +226,18 @@ def composite_rgb(images: np.ndarray) -> np.ndarray:
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
-def save_montage(images: np.ndarray, path, *, columns: int = 4, labels=None) -> None:
-    """Write a PNG grid of RGB composites of `images` uint8 (B, H, W, C) (at most 64 images)."""
-    from PIL import Image, ImageDraw
+MONTAGE_KIND = "montage"
 
-    from vitally_jax.fileio import atomic_path
+
+def save_montage(images: np.ndarray, path, *, columns: int = 4, labels=None, overwrite: bool = False) -> None:
+    """Write a PNG grid of RGB composites of `images` uint8 (B, H, W, C) (at most 64 images).
+
+    An existing file is replaced only with `overwrite=True` and only if it is a montage written here."""
+    from PIL import Image, ImageDraw, PngImagePlugin
+
+    from vitally_jax.fileio import TAG, atomic_path, check_output
+
+    check_output(path, MONTAGE_KIND, overwrite=overwrite)
 
     rgb = composite_rgb(np.asarray(images)[:64])
     b, h, w, _ = rgb.shape
@@ -245,5 +252,7 @@ def save_montage(images: np.ndarray, path, *, columns: int = 4, labels=None) -> 
         for i, text in enumerate(list(labels)[:b]):
             r, c = divmod(i, columns)
             draw.text((c * (w + 2) + 2, r * (h + 2) + 1), str(text), fill=(255, 255, 255))
+    info = PngImagePlugin.PngInfo()
+    info.add_text(TAG, MONTAGE_KIND)
     with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG")
+        im.save(tmp, format="PNG", pnginfo=info)

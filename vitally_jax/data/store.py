@@ -23,12 +23,13 @@ import numpy as np
 import pandas as pd
 
 from vitally_jax.errors import DataError
-from vitally_jax.fileio import atomic_path
+from vitally_jax.fileio import ARTEFACT_KEY, atomic_path, check_output
 
 FORMAT_VERSION = 1
 IMAGES = "images.zarr"
 METADATA = "metadata.parquet"
 STORE_JSON = "store.json"
+KIND = "image store"  # the artefact kind named in store.json (see vitally_jax.fileio)
 
 # column -> kind ('str', 'int', 'float', 'bool'); order is the order written to Parquet.
 METADATA_COLUMNS: dict[str, str] = {
@@ -181,7 +182,8 @@ def _check_image(img: Any, i: int, expect: tuple | None, image_id: str) -> np.nd
 
 
 def write_store(path: str | os.PathLike, images: np.ndarray | Iterable[np.ndarray], metadata: pd.DataFrame,
-                channel_names: Sequence[str], attrs: dict | None = None) -> pathlib.Path:
+                channel_names: Sequence[str], attrs: dict | None = None, *, overwrite: bool = False,
+                inputs: Sequence[str | os.PathLike] = ()) -> pathlib.Path:
     """Write a store folder atomically; returns its path.
 
     images: uint8 array (N, H, W, C) or an iterable of N uint8 arrays (H, W, C) (a generator is consumed once,
@@ -190,10 +192,13 @@ def write_store(path: str | os.PathLike, images: np.ndarray | Iterable[np.ndarra
     channel_names: C names in channel order. attrs: JSON-serialisable provenance stored in `store.json`.
     Any failure (bad shape/dtype/count/metadata, an exception raised by the image iterator) removes the
     temporary folder and leaves `path` untouched.
+    overwrite: replace an image store already at `path` (anything else there is refused, see `fileio`).
+    inputs: paths the images come from; an output equal to or inside one of them is refused.
     """
     import tensorstore as ts
 
     path = pathlib.Path(path)
+    check_output(path, KIND, overwrite=overwrite, inputs=inputs)
     meta = normalize_metadata(metadata, source=f"{path}: metadata")
     n = len(meta)
     if n == 0:
@@ -245,7 +250,7 @@ def write_store(path: str | os.PathLike, images: np.ndarray | Iterable[np.ndarra
         if next(it, None) is not None:
             raise DataError(f"{path}: more images than the {n} metadata rows")
         meta.to_parquet(tmp / METADATA, index=False)
-        info = {"format_version": FORMAT_VERSION, "shape": [n, h, w, c], "channel_names": channel_names,
+        info = {ARTEFACT_KEY: KIND, "format_version": FORMAT_VERSION, "shape": [n, h, w, c], "channel_names": channel_names,
                 "attrs": attrs or {}}
         (tmp / STORE_JSON).write_text(json.dumps(info, indent=1))
     return path

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import json
 import os
 import pathlib
 from dataclasses import dataclass
@@ -31,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 from vitally_jax.data.render import PHENOTYPE_DIM, Imaging, Renderer
-from vitally_jax.data.store import write_store
+from vitally_jax.data.store import KIND, write_store
 from vitally_jax.errors import ConfigError
-from vitally_jax.fileio import atomic_path
+from vitally_jax.fileio import atomic_path, check_output
 
 CHANNEL_NAMES = ("DNA", "ER", "Actin", "RNA", "Mito", "Golgi")
 PLATE_FORMATS = {96: (8, 12), 384: (16, 24), 1536: (32, 48)}
@@ -366,16 +367,24 @@ def build_world(cfg: SyntheticConfig):
     return genes, pheno, world, targets, meta, z, make_imaging(cfg, meta)
 
 
-def generate_screen(path: str | os.PathLike, cfg: SyntheticConfig | str = "tiny") -> pathlib.Path:
+def config_attrs(cfg: SyntheticConfig) -> dict:
+    """The world's settings as stored in the store's attrs (JSON types)."""
+    return json.loads(json.dumps({k: (list(v) if isinstance(v, tuple) else v)
+                                  for k, v in dataclasses.asdict(cfg).items()}))
+
+
+def generate_screen(path: str | os.PathLike, cfg: SyntheticConfig | str = "tiny", *,
+                    overwrite: bool = False) -> pathlib.Path:
     """Generate a synthetic screen into the store folder `path` (atomically) and return the path.
 
     Besides the store files, the folder gets genes.parquet, compound_targets.parquet and world_pairs.parquet.
+    An image store already at `path` is replaced only with `overwrite=True`; anything else there is refused.
     """
     if isinstance(cfg, str):
         cfg = preset(cfg)
+    check_output(path, KIND, overwrite=overwrite)
     genes, _, world, targets, meta, z, imaging = build_world(cfg)
-    attrs = {"source": "synthetic", "generator": "vitally_jax.data.synthetic",
-             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}}
+    attrs = {"source": "synthetic", "generator": "vitally_jax.data.synthetic", "config": config_attrs(cfg)}
     path = pathlib.Path(path)
     with atomic_path(path, is_dir=True) as tmp:  # store and ground truth appear together or not at all
         write_store(tmp, render_wells(cfg, z, imaging), meta, CHANNEL_NAMES, attrs)

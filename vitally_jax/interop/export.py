@@ -50,7 +50,7 @@ def _meta(kind: str, **fields) -> dict[str, str]:
 
 
 def export_timm_vit(path: str | os.PathLike, encoder: ViTEncoder, *, mlp_bias: str = "legacy",
-                    prefix: str = "") -> pathlib.Path:
+                    prefix: str = "", overwrite: bool = False) -> pathlib.Path:
     """Write `encoder` as a timm ViT state dict (safetensors). WeightsError if the biases do not fit `mlp_bias`."""
     from vitally_jax.interop.timm_vit import timm_vit_state_dict
 
@@ -58,11 +58,11 @@ def export_timm_vit(path: str | os.PathLike, encoder: ViTEncoder, *, mlp_bias: s
     state = timm_vit_state_dict(encoder, mlp_bias=mlp_bias, prefix=prefix)
     meta = _meta("timm_vit", mlp_bias=mlp_bias, prefix=prefix, timm_kwargs=timm_kwargs(cfg),
                  channel_agnostic=cfg.channel_agnostic, max_in_chans=cfg.max_in_chans)
-    return write_safetensors(path, state, meta)
+    return write_safetensors(path, state, meta, overwrite=overwrite)
 
 
 def export_openphenom(path: str | os.PathLike, mae: MAE, *, mlp_bias: str = "legacy",
-                      fixed: Mapping[str, np.ndarray] | None = None) -> pathlib.Path:
+                      fixed: Mapping[str, np.ndarray] | None = None, overwrite: bool = False) -> pathlib.Path:
     """Write a whole `MAE` in the OpenPhenom layout (safetensors); see `openphenom_state_dict`."""
     from vitally_jax.interop.openphenom import openphenom_state_dict
 
@@ -72,10 +72,11 @@ def export_openphenom(path: str | os.PathLike, mae: MAE, *, mlp_bias: str = "leg
                  decoder=dict(width=cfg.decoder_width, depth=cfg.decoder_depth, heads=cfg.decoder_heads,
                               channels=cfg.decoder_channels, cross_attn_heads=cfg.cross_attn_heads,
                               eps=cfg.decoder_eps, kind=cfg.decoder))
-    return write_safetensors(path, state, meta)
+    return write_safetensors(path, state, meta, overwrite=overwrite)
 
 
-def export_dinov2(path: str | os.PathLike, model: Dinov2, *, layout: str = "timm") -> pathlib.Path:
+def export_dinov2(path: str | os.PathLike, model: Dinov2, *, layout: str = "timm",
+                  overwrite: bool = False) -> pathlib.Path:
     """Write a `Dinov2` in timm's ('timm') or Meta's ('meta') layout (safetensors)."""
     from vitally_jax.interop.dinov2 import dinov2_state_dict
 
@@ -83,4 +84,4 @@ def export_dinov2(path: str | os.PathLike, model: Dinov2, *, layout: str = "timm
     state = dinov2_state_dict(model, layout=layout)
     meta = _meta("dinov2", layout=layout, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
                  mlp=cfg.mlp, patch_size=cfg.patch_size, img_size=cfg.img_size, reg_tokens=cfg.reg_tokens)
-    return write_safetensors(path, state, meta)
+    return write_safetensors(path, state, meta, overwrite=overwrite)

@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from vitally_jax.errors import WeightsError
-from vitally_jax.fileio import atomic_path
+from vitally_jax.fileio import TAG, atomic_path, check_output
 
 StateDict = dict[str, np.ndarray]
 
@@ -137,16 +137,23 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     return state
 
 
+SAFETENSORS_KIND = "safetensors weights"
+
+
 def write_safetensors(path: str | os.PathLike, state: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> pathlib.Path:
+                      metadata: Mapping[str, str] | None = None, *, overwrite: bool = False,
+                      inputs=()) -> pathlib.Path:
     """Write `state` as a safetensors file atomically (temporary name, then rename); returns the path.
 
     `metadata` values must be strings (safetensors stores a str -> str header); dicts are JSON-encoded.
+    An existing file is replaced only with `overwrite=True`, and only if this package wrote it (header tag).
     """
     from safetensors.numpy import save_file
 
     path = pathlib.Path(path)
+    check_output(path, SAFETENSORS_KIND, overwrite=overwrite, inputs=inputs)
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    meta[TAG] = SAFETENSORS_KIND
     arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(arrays, str(tmp), metadata=meta or None)
