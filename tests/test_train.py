@@ -78,7 +78,10 @@ def test_loss_falls_and_metrics_logged(straight):
     # loss = (1 - a) rec + a fourier with a = 0.01
     r = rows[-1]
     assert r["loss"] == pytest.approx(0.99 * r["loss_rec"] + 0.01 * r["loss_fourier"], rel=1e-5)
-    assert rows[-1]["lr"] < rows[0]["lr"] and 0 < rows[-1]["mfu"] < 1
+    assert rows[-1]["lr"] < rows[0]["lr"] and rows[-1]["mfu"] > 0
+    # no bound on MFU (a ratio of timings, which load distorts): it is throughput over one peak measured per run
+    ratios = [r["mfu"] / r["images_per_s"] for r in rows[1:]]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-12)
     assert list((wd / "tb").glob("events.out.tfevents.*"))
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [20, 40]
 
@@ -187,13 +190,14 @@ def test_main_entry_point(screen, straight, tmp_path):
     ids = pd.read_parquet(screen / "metadata.parquet")["image_id"][::3]
     index = tmp_path / "curated.parquet"
     pd.DataFrame({"image_id": ids}).to_parquet(index)
-    r = subprocess.run(base + [f"--workdir={tmp_path}", f"--config.input.store={screen}", f"--config.input.index={index}",
+    wd = tmp_path / "wd"  # not tmp_path itself: the index lives there, and a workdir never holds a user's files
+    r = subprocess.run(base + [f"--workdir={wd}", f"--config.input.store={screen}", f"--config.input.index={index}",
                                f"--config.total_steps={STEPS}", "--config.stop_after_steps=2"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step 2/40" in r.stdout and "ETA" in r.stdout
-    assert (tmp_path / "checkpoints" / "2" / "commit_success.txt").exists()
-    meta = json.loads((tmp_path / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert (wd / "checkpoints" / "2" / "commit_success.txt").exists()
+    meta = json.loads((wd / "checkpoints" / "2" / "meta" / "metadata").read_text())
     assert meta["config"]["input"]["index"] == str(index) and meta["step"] == 2
 
 

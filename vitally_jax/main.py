@@ -6,7 +6,8 @@ errors). Multi-host: one process per host; `jax.distributed.initialize` is calle
 (with `--num_processes`, `--process_id`) is given, or when the standard environment variables are set
 (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`); on TPU pods and SLURM/Open MPI clusters
 `--distributed` lets JAX discover them.
-Dispatch on `config.job`: "train" (MAE pretraining) or "demo" (the embedded-default pipeline).
+Dispatch on `config.job`: "train" (MAE pretraining) or "demo" (the embedded-default pipeline). Config values
+are checked (`vitally_jax.config_checks`) before the workdir is created and before anything is compiled.
 """
 from __future__ import annotations
 
@@ -64,12 +65,20 @@ def _run() -> int:
         raise _config_file_error(sys.argv) from None
     if config is None:
         raise ConfigError("--config: required (e.g. --config=configs/tiny.py)")
+    if config.job not in ("train", "demo"):
+        raise ConfigError(f"config.job: {config.job!r}; expected 'train' or 'demo'")
     workdir = FLAGS.workdir
     if not workdir and config.job == "demo":
         workdir = config.workdir  # the demo has a sensible default (./runs/demo)
     if not workdir:
         raise ConfigError("--workdir: required (output folder)")
-    _check_writable(workdir)
+    # Config values are checked before anything is written or compiled: numbers first (no devices needed) ...
+    from vitally_jax import config_checks
+
+    if config.job == "train":
+        config_checks.check_values(config)
+    else:  # the demo's trainer config
+        config_checks.check_values(config.train, prefix="config.train.")
     try:
         _init_distributed()
     except (KeyError, ValueError) as e:
@@ -82,17 +91,28 @@ def _run() -> int:
                            os.path.join(os.path.expanduser("~"), ".cache", "vitally_jax", "jax_cc"))
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)
+    if config.job == "train":  # ... then the mesh over the devices, then crop vs the store's images
+        from vitally_jax import sharding
+
+        config_checks.check_mesh(config, sharding.make_mesh(tuple(config.mesh.shape)))
+        config_checks.check_store(config, workdir)
+    # ... and the workdir is ours or new: a user's folder, or one inside an input, is refused (exit 10)
+    from vitally_jax import fileio
+
+    if config.job == "train":
+        fileio.check_output(workdir, "training workdir", resume=True, inputs=[config.input.store, config.input.index])
+    else:
+        fileio.check_output(workdir, "demo workdir", resume=True, inputs=[config.screen.store])
+    _check_writable(workdir)
     if config.job == "train":
         from vitally_jax.train import train_and_evaluate
 
         summary = train_and_evaluate(config, workdir)
         logging.info("stopped at step %d (%s)", summary["step"], summary["stopped"])
         return 0
-    if config.job == "demo":
-        from vitally_jax import demo
+    from vitally_jax import demo
 
-        return demo.run(config, workdir) or 0
-    raise ConfigError(f"config.job: {config.job!r}; expected 'train' or 'demo'")
+    return demo.run(config, workdir) or 0
 
 
 def _config_key_message(e: Exception) -> str:

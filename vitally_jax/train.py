@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vitally_jax import checkpoint as ckpt
 from vitally_jax import flops as flops_lib
-from vitally_jax import metrics_io, optim, sharding
+from vitally_jax import config_checks, fileio, metrics_io, optim, sharding
 from vitally_jax.errors import ConfigError, TrainingDivergedError
 
 log = logging.getLogger("vitally_jax.train")
@@ -143,11 +143,15 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     Returns a summary: {'step', 'metrics' (last logged), 'compiles', 'stopped' ('done'|'signal'|'budget')}.
     """
     workdir = pathlib.Path(workdir).absolute()
-    _check_config(config)
+    config_checks.check_values(config)  # numbers and ranges, before anything is written or compiled
     # ---------------------------------------------------------------------------------------- logging -----
     is_main = jax.process_index() == 0
+    # a workdir is ours (workdir.json) or new/empty; anything else, or a workdir inside an input, is refused
+    fileio.check_output(workdir, WORKDIR_KIND, resume=True, inputs=[config.input.store, config.input.index])
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
+        if fileio.folder_kind(workdir) is None:
+            fileio.write_marker(workdir, WORKDIR_KIND, created_by="vitally_jax.train")
     log.info("devices: %d (%d local), processes: %d", jax.device_count(), jax.local_device_count(),
              jax.process_count())
 
@@ -158,15 +162,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     # ---------------------------------------------------------------------------------------- input -------
     from vitally_jax.data import pipeline
 
-    store_path = _resolve_store(config, workdir)
-    if config.input.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ConfigError(f"input.global_batch {config.input.global_batch}: must be divisible by the mesh's "
-                          f"data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} devices")
-    dataset = pipeline.train_dataset(store_path, crop=config.input.crop, global_batch=config.input.global_batch,
+    config_checks.check_mesh(config, mesh)
+    store = pipeline.ImageStore.open(_resolve_store(config, workdir))
+    config_checks.check_crop(config, store.shape[1:3], f"the store {store.path}")
+    dataset = pipeline.train_dataset(store, crop=config.input.crop, global_batch=config.input.global_batch,
                                      seed=config.seed, index=config.input.index, flips=config.input.flips,
                                      rot90=config.input.rot90, in_memory=bool(config.input.get("in_memory", False)))
     data_iter = iter(pipeline.global_batches(dataset, mesh))
-    channel_names = list(pipeline.ImageStore.open(store_path).channel_names)
+    channel_names = list(store.channel_names)
 
     # ---------------------------------------------------------------------------------------- model -------
     mae_cfg = model_config(config)
@@ -203,8 +206,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         start, m_state, o_state, meta = restored
         state = _join_state(abs_state, m_state, o_state)
         if not meta["data_restored"]:
-            log.warning("checkpoint written by %s processes: data stream restarts from its seed",
-                        meta.get("process_count"))
+            log.warning("checkpoint of step %d has no data iterator state: data stream restarts from its seed",
+                        start)
         writer.truncate_after(start)
         log.info("resumed from step %d", start)
     stop_requested = {"flag": False}
@@ -244,10 +247,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                 if due_log or due_ckpt:
                     host = {k: _local(v) for k, v in metrics.items()}
                     if not bool(_local(finite_acc)):
-                        raise TrainingDivergedError(
-                            f"non-finite loss or gradient by step {step} (loss {float(host['loss'])}); the last "
-                            f"good checkpoint in {workdir / 'checkpoints'} (step {manager.latest_step()}) is "
-                            "intact: lower optax.peak_lr or set optax.grad_clip_norm")
+                        raise TrainingDivergedError(_diverged_message(config, step, float(host["loss"]), workdir,
+                                                                      manager.latest_step()))
                 if due_log:
                     last = {k: float(v) for k, v in host.items() if k != "finite"}
                     now = time.perf_counter()
@@ -277,7 +278,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         manager.wait_until_finished()
         if config.checkpoint.export_encoder and step >= config.total_steps:
             model, _ = nnx.merge(graphdef, state)
-            ckpt.export_encoder(workdir / "encoder", nnx.state(model.encoder), mae_cfg.encoder)
+            ckpt.export_encoder(workdir / "encoder", nnx.state(model.encoder), mae_cfg.encoder,
+                                overwrite=True)  # its own export inside its own workdir
     finally:
         manager.wait_until_finished()
         manager.close()
@@ -293,17 +295,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
 # Helpers of the loop
 # ------------------------------------------------------------------------------------------------------------
 
-def _check_config(config) -> None:
-    for key, value in (("log.every_steps", config.log.every_steps),
-                       ("checkpoint.every_steps", config.checkpoint.every_steps),
-                       ("checkpoint.keep", config.checkpoint.keep), ("total_steps", config.total_steps)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
-    if config.stop_after_steps is not None and config.stop_after_steps < 1:
-        raise ConfigError(f"stop_after_steps: expected None or a positive integer, got {config.stop_after_steps!r}")
-    if config.log.recon_every_steps is not None and config.log.recon_every_steps < 1:
-        raise ConfigError(f"log.recon_every_steps: expected None or a positive integer, "
-                          f"got {config.log.recon_every_steps!r}")
+def _diverged_message(config, step: int, loss: float, workdir: pathlib.Path, last_good: int | None) -> str:
+    """What a non-finite loss means for this workdir: which checkpoint is left to resume from, if any."""
+    where = workdir / "checkpoints"
+    if last_good is None:
+        kept = f"no checkpoint has been written yet in {where}; nothing to resume from"
+    else:
+        kept = f"the last good checkpoint in {where} (step {last_good}) is intact"
+    clip = config.optax.grad_clip_norm
+    return (f"non-finite loss or gradient by step {step} (loss {loss}); {kept}: lower config.optax.peak_lr "
+            f"({config.optax.peak_lr:g}) or {'set' if clip is None else 'lower'} config.optax.grad_clip_norm "
+            f"({'None' if clip is None else format(clip, 'g')})")
 
 
 def _barrier(name: str, timeout_s: int = 3600) -> None:
@@ -338,6 +340,9 @@ def _preempted(local_flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.asarray(local_flag))))
+
+
+WORKDIR_KIND = "training workdir"
 
 
 def _resolve_store(config, workdir: pathlib.Path) -> pathlib.Path:
