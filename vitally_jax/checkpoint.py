@@ -7,6 +7,19 @@ Training checkpoints live in `WORKDIR/checkpoints/<step>/{model,opt,data,meta}`:
 - `data`: the Grain iterator state of every process (`process_<i>-of-<n>.json`);
 - `meta`: JSON with the step, the config, the mesh, the process count and the library versions.
 
+Changing the number of processes. The training pipeline (`vitally_jax.data.pipeline.train_dataset`) deals one
+global stream of shuffled, repeated records out by position (process p of P takes global positions p, p+P, ...),
+and a record's crop and augmentation depend only on its global position. A process's saved iterator state is
+`{"next_index": n}`, the number of its own records consumed; every process has consumed the same number of
+batches, so the checkpoint has consumed exactly the first N * n global records. Restored by M processes, each
+starts at local position N * n / M: the global batches after the resume hold the same records (same images,
+crops and augmentations) as an uninterrupted run's, step for step; the order of the rows inside a global batch
+follows the process layout (process-major), exactly as in an uninterrupted run with M processes. When the saved
+states do not have that form (other positions per process, another iterator structure, N * n not divisible by
+M), `restore` refuses with a one-line `DataLayoutError` (a `CheckpointError`, exit code 5) that names the
+checkpoint, N and M and says how to continue; it is not taken for damage, so no older checkpoint is tried.
+(Each process reads all N saved states: the checkpoint folder is shared, as Orbax requires anyway.)
+
 An encoder export is a folder `PATH/` with `params/` (Orbax StandardSave of the `ViTEncoder` state) and
 `encoder.json` (the `ViTConfig` and versions). Downstream users load it with one call, on any device count,
 without training code::
@@ -33,6 +46,7 @@ from vitally_jax.errors import CheckpointError
 log = logging.getLogger("vitally_jax.checkpoint")
 
 ITEMS = ("model", "opt", "data", "meta")
+EXPORT_KIND = "encoder export"  # the artefact kind in encoder.json (see vitally_jax.fileio)
 EXPORT_FORMAT = 1
 
 
@@ -74,26 +88,104 @@ def abstract_like(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+class DataLayoutError(CheckpointError):
+    """The data iterator state of a checkpoint cannot be carried over to this number of processes."""
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
+def _plain_position(state) -> bool:
+    return (isinstance(state, dict) and set(state) == {"next_index"} and isinstance(state["next_index"], int)
+            and not isinstance(state["next_index"], bool) and state["next_index"] >= 0)
+
+
+def remap_data_state(states: list, process_count: int, current_state, *, source: str) -> dict:
+    """The iterator state for each of `process_count` processes equivalent to the saved per-process `states`.
+
+    `states[i]` is the saved state of process i of `len(states)`; `current_state` is `get_state()` of this
+    process's (fresh) iterator, to check that it has the same structure. Both must be plain positions
+    `{"next_index": n}` with the same n on every saved process; the result is `{"next_index": N * n / M}`.
+    Anything else raises `DataLayoutError` (see the module docstring).
+    """
+    n_old = len(states)
+
+    def refuse(reason: str):
+        raise DataLayoutError(
+            f"{source}: the data iterator state of {_processes(n_old)} cannot be carried over to "
+            f"{_processes(process_count)} ({reason}); resume with {_processes(n_old)}, or move {source}/data "
+            "aside to restart the data stream from its seed")
+
+    if not all(_plain_position(s) for s in states):
+        refuse("a saved state is not a plain position {'next_index': n}")
+    if not _plain_position(current_state):
+        refuse("this input pipeline's iterator state is not a plain position {'next_index': n}")
+    positions = sorted({s["next_index"] for s in states})
+    if len(positions) != 1:
+        refuse(f"the processes stopped at different positions {positions}")
+    consumed = n_old * positions[0]
+    if consumed % process_count:
+        refuse(f"{consumed} records consumed in all, not divisible by {process_count}")
+    return {"next_index": consumed // process_count}
+
+
+def _saved_data_states(data_dir: pathlib.Path, count: int | None, source: str) -> list:
+    """The per-process iterator states `process_<i>-of-<count>.json` in `data_dir` (count from the file names
+    when the metadata lacks it). Missing or unreadable files are damage (a plain `CheckpointError`)."""
+    if count is None:
+        counts = {p.name.rsplit("-of-", 1)[-1][:-5] for p in data_dir.glob("process_*-of-*.json")}
+        if len(counts) != 1 or not next(iter(counts)).isdigit():
+            raise CheckpointError(f"{data_dir}: expected process_<i>-of-<n>.json files of one n, got {sorted(counts)}")
+        count = int(counts.pop())
+    states = []
+    for i in range(count):
+        f = data_dir / f"process_{i}-of-{count}.json"
+        try:
+            states.append(json.loads(f.read_text()))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: unreadable data iterator state ({' '.join(str(e).split())[:200]})") \
+                from None
+    return states
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_model, abstract_opt, data_iterator=None):
     """Restore `step` onto the shardings in the abstract targets. Returns (model_state, opt_state, meta).
 
-    The data iterator state is restored in place when `data_iterator` is given and the checkpoint was written by
-    the same number of processes; otherwise it is skipped (the caller restarts the data stream).
+    The data iterator state is restored in place when `data_iterator` is given and the checkpoint has one:
+    as saved when it was written by as many processes as there are now, else mapped onto this process count
+    (`remap_data_state`; `DataLayoutError` when that is not exact). `meta["data_restored"]` says whether it
+    was restored, `meta["data_remapped_from"]` the process count it was mapped from (None if not mapped).
+    A checkpoint without a data item leaves the iterator as it is (the caller restarts the data stream).
     """
     import grain
 
+    source = f"{manager.directory}/{step}"
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     items = dict(model=ocp.args.StandardRestore(abstract_model), opt=ocp.args.StandardRestore(abstract_opt))
-    has_data = (pathlib.Path(manager.directory) / str(step) / "data").exists()
-    same_layout = meta.get("process_count") == jax.process_count() and has_data
-    if data_iterator is not None and same_layout:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    data_dir = pathlib.Path(manager.directory) / str(step) / "data"
+    has_data = data_dir.exists()
+    saved_count = meta.get("process_count")
+    remapped = None
+    if data_iterator is not None and has_data:
+        if saved_count == jax.process_count():
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        else:  # decided before the arrays are read: a refusal costs nothing
+            states = _saved_data_states(data_dir, saved_count, source)
+            remapped = remap_data_state(states, jax.process_count(), data_iterator.get_state(), source=source)
+            saved_count = len(states)
     try:
         out = manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{manager.directory}/{step}: does not match this model/optimizer "
+        raise CheckpointError(f"{source}: does not match this model/optimizer "
                               f"({' '.join(str(e).split())[:300]})") from None
-    meta["data_restored"] = bool(data_iterator is not None and same_layout)
+    if remapped is not None:
+        data_iterator.set_state(remapped)
+        data_iterator.start_prefetch()
+        log.info("%s: data iterator state of %d processes mapped onto %d (next_index %d)", source, saved_count,
+                 jax.process_count(), remapped["next_index"])
+    meta["data_restored"] = bool(data_iterator is not None and has_data)
+    meta["data_remapped_from"] = saved_count if remapped is not None else None
     return out["model"], out["opt"], meta
 
 
@@ -103,7 +195,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_model, abstract_opt,
     A checkpoint that cannot be restored (truncated or damaged files, e.g. a disk that filled up or a copy cut
     short) is logged as a warning and the previous one is tried; once one restores, the unusable newer ones are
     moved aside to `<step>.unusable` (kept for inspection, no longer seen as checkpoints). If none restores, a
-    `CheckpointError` names the folder and the newest failure, and nothing is moved.
+    `CheckpointError` names the folder and the newest failure, and nothing is moved. A `DataLayoutError` (the
+    newest checkpoint's data position cannot be carried over to this process count) is raised at once.
     """
     from jax.experimental import multihost_utils
 
@@ -114,6 +207,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_model, abstract_opt,
     for step in steps:
         try:
             model_state, opt_state, meta = restore(manager, step, abstract_model, abstract_opt, data_iterator)
+        except DataLayoutError:
+            raise  # a readable checkpoint that this process count cannot continue: not damage, no fallback
         except Exception as e:  # noqa: BLE001  (Orbax, TensorStore and JSON raise many types for damaged files)
             reason = " ".join(str(e).split())[:300] or type(e).__name__
             failed.append((step, reason))
@@ -169,21 +264,26 @@ def trim_encoder_state(state, depth: int, num_blocks: int):
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def export_encoder(path: str | pathlib.Path, encoder_state, vit_cfg, *, num_blocks: int | None = None) -> pathlib.Path:
+def export_encoder(path: str | pathlib.Path, encoder_state, vit_cfg, *, num_blocks: int | None = None,
+                   overwrite: bool = False, inputs=()) -> pathlib.Path:
     """Write an encoder-only export (parameters + `ViTConfig`) to `path`, atomically.
 
     `encoder_state`: `nnx.state(encoder)` (sharded or not; every process calls this with the same path).
     `num_blocks`: trim to the first b blocks (the paper's b*); the exported config then has depth b.
-    Written into `.NAME.partial` next to `path` by all processes, then renamed by process 0 (an existing
-    export at `path` is replaced only once the new one is complete).
+    Written into `.NAME.partial` next to `path` by all processes, then swapped in by process 0. An existing
+    encoder export at `path` is replaced only with `overwrite=True` (and only once the new one is complete);
+    anything else at `path`, or a `path` inside one of `inputs`, is refused (`OutputError`).
     """
     from jax.experimental import multihost_utils
 
+    from vitally_jax.fileio import ARTEFACT_KEY, check_output, swap_in
+
     path = pathlib.Path(path).absolute()
+    check_output(path, EXPORT_KIND, overwrite=overwrite, inputs=inputs)
     if num_blocks is not None:
         encoder_state = trim_encoder_state(encoder_state, vit_cfg.depth, num_blocks)
         vit_cfg = dataclasses.replace(vit_cfg, depth=num_blocks)
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}.partial")  # ours: a hidden name no user chooses
     if jax.process_index() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -192,17 +292,10 @@ def export_encoder(path: str | pathlib.Path, encoder_state, vit_cfg, *, num_bloc
         ckptr.save(tmp / "params", encoder_state)
         ckptr.wait_until_finished()
     if jax.process_index() == 0:
-        doc = {"format": EXPORT_FORMAT, "kind": "vitally_jax encoder", "vit_config": _config_to_dict(vit_cfg),
-               "versions": versions()}
+        doc = {ARTEFACT_KEY: EXPORT_KIND, "format": EXPORT_FORMAT, "kind": "vitally_jax encoder",
+               "vit_config": _config_to_dict(vit_cfg), "versions": versions()}
         (tmp / "encoder.json").write_text(json.dumps(doc, indent=1))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        swap_in(tmp, path)
     multihost_utils.sync_global_devices("export_encoder:done")
     return path
 
