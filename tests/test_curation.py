@@ -116,6 +116,13 @@ def test_well_means_center_scale_and_whiten():
     mix = rng.normal(size=(5000, 4)) @ rng.normal(size=(4, 4))
     w = cs.whiten(mix.astype(np.float32), mix, 0.0)
     np.testing.assert_allclose(np.cov(w, rowvar=False), np.eye(4), atol=1e-3)
+    # moments of a subset subtract from the whole: the covariance of the other rows, as used for whitening
+    n, s, o = cs.moments(mix + 5.0)
+    n1, s1, o1 = cs.moments(mix[:1200] + 5.0)
+    np.testing.assert_allclose(cs.covariance(n - n1, s - s1, o - o1), np.cov(mix[1200:], rowvar=False),
+                               rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(cs.whiten(mix, None, 0.5, cov=np.cov(mix[1200:], rowvar=False)),
+                               cs.whiten(mix, mix[1200:], 0.5), rtol=1e-5, atol=1e-5)
 
 
 def _random_tests(n_pert=300, n_exp=3, reps=4, d=8, seed=5, n_perm=999):
@@ -141,6 +148,39 @@ def test_pvalues_are_calibrated_under_the_null():
     assert len(combined) == 300
     assert stats.kstest(combined, "uniform").pvalue > 0.01
     assert 0.0 <= (combined < 0.05).mean() <= 0.09
+
+
+def test_null_is_drawn_from_negative_controls():
+    # a tight pair tested against a pool of identical vectors scores no better than the pool: p = 1
+    u = np.eye(12, dtype=np.float32)
+    u[1] = u[0]
+    u[6:] = u[11]
+    groups = np.full(12, -1)
+    groups[[0, 1]] = 0
+    pool = np.zeros(12, bool)
+    pool[6:] = True
+    p_pool, _, _ = cs.permutation_pvalues(u, groups, 1, 99, np.random.default_rng(0), pool)
+    p_all, _, _ = cs.permutation_pvalues(u, groups, 1, 99, np.random.default_rng(0))
+    assert p_pool[0] == 1.0 and p_all[0] < 0.7
+    # curation: negative controls are the pool when an experiment has max(10, 2 x largest set) of them
+    rows = [("e0", "p0", f"P{i}", "") for i in range(6) for _ in range(4)]
+    rows += [("e0", "p0", "NEG", "negative")] * 12 + [("e0", "p0", "POS", "positive")] * 30
+    rows += [("e1", "p1", f"P{i}", "") for i in range(6) for _ in range(4)] + [("e1", "p1", "NEG", "negative")] * 7
+    wells = pd.DataFrame(rows, columns=["experiment", "plate", "perturbation", "control_type"])
+    emb = np.random.default_rng(1).normal(size=(len(wells), 5))
+    emb[wells.control_type == "positive"] += 3.0  # a tight cluster of positive controls
+    cfg = cu.CurationConfig(n_permutations=200)
+    t = cu.consistency_tests(wells, emb, [f"P{i}" for i in range(6)], cfg)
+    assert t.groupby("experiment").null_pool.first().to_dict() == {"e0": "controls", "e1": "all"}
+    t_all = cu.consistency_tests(wells, emb, [f"P{i}" for i in range(6)],
+                                 cu.CurationConfig(n_permutations=200, null_pool="all"))
+    assert (t_all.null_pool == "all").all()
+    np.testing.assert_allclose(t_all.mean_cosine, t.mean_cosine, rtol=1e-6)  # same statistics, other null
+    # centred on all wells, the phenotype-free wells of e0 share an offset away from its positive-control
+    # cluster, so they look more alike than random wells of e0 (the cause of the random-well null's small p)
+    e0 = (t.experiment == "e0").to_numpy()
+    assert (t_all.p[e0].to_numpy() < t.p[e0].to_numpy()).all()
+    assert t_all.p[e0].max() < 0.2 < t.p[e0].max()
 
 
 def test_permutation_pvalue_counts_exceedances():
@@ -279,7 +319,13 @@ def test_store_curation_writes_index_and_report(tmp_path):
     assert q["removed_by_reason"]["blank"] == 1
     per = pd.read_parquet(tmp_path / "cur" / "index.report.perturbations.parquet")
     np.testing.assert_allclose(per["p_a"], per["p_b"])  # parquet rows re-aligned by plate + well
-    assert (tmp_path / "cur" / "index.report.md").read_text().startswith("# Curation report")
+    md = (tmp_path / "cur" / "index.report.md").read_text().splitlines()
+    assert [line for line in md if not line.startswith("<!--")][0] == "# Curation report"  # after the file tag
+    # 6 negative controls per experiment are too few for sets of 4 wells: the null is drawn from all wells
+    steps = {s["step"]: s for s in report["steps"]}
+    assert steps["consistency"]["null_pool"] == "controls"
+    assert steps["consistency"]["experiments_null_from_all_wells"] == 3
+    assert any("null from all wells in 3 experiment(s)" in line for line in md)
     # bad input: one line, data exit code, nothing written
     bad = tmp_path / "bad" / "index.parquet"
     np.save(tmp_path / "short.npy", emb[:5])
@@ -303,6 +349,8 @@ def test_bad_input_errors():
         cu.CurationConfig(keep_positive_controls=1.5)
     with pytest.raises(ConfigError, match="normalize"):
         cu.CurationConfig(normalize="well")
+    with pytest.raises(ConfigError, match="null_pool"):
+        cu.CurationConfig(null_pool="positive")
 
 
 def test_synthetic_screen_planted_genes_kept_with_image_statistics(tmp_path):

@@ -7,9 +7,10 @@ u_1..u_n, sum_{i != j} u_i . u_j = ||sum u||^2 - n, so
 
     mean pairwise cosine = (||sum_i u_i||^2 - n) / (n (n - 1)).
 
-The permutation null draws random sets of wells from the same experiment. A random ordering prefix of length n
-is a uniform random n-subset, so one draw of P random orderings (prefixes of length n_max) and a cumulative sum
-gives the null for every set size n <= n_max at once, shared by all perturbations of that experiment.
+The permutation null draws random sets of wells from a pool of the same experiment (`curation` uses its
+negative-control wells). A random ordering prefix of length n is a uniform random n-subset, so one draw of P
+random orderings (prefixes of length n_max) and a cumulative sum gives the null for every set size n <= n_max at
+once, shared by all perturbations of that experiment.
 """
 from __future__ import annotations
 
@@ -86,14 +87,30 @@ def center_scale(x: np.ndarray, batches: np.ndarray) -> np.ndarray:
     return out
 
 
-def whiten(x: np.ndarray, ref: np.ndarray, shrinkage: float) -> np.ndarray:
-    """Whiten x (N, D) by S = cov(ref) + shrinkage I: returns x L^-T with S = L L^T (Cholesky), float32.
+def moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(n, sum of rows (D,), sum of outer products (D, D)) of x (n, D), float64. Moments of disjoint row sets
+    add, so those of a subset can be subtracted from the whole (see `covariance`)."""
+    x = np.asarray(x, np.float64)
+    return len(x), x.sum(axis=0), x.T @ x
+
+
+def covariance(n: int, total: np.ndarray, outer: np.ndarray) -> np.ndarray:
+    """Sample covariance (D, D) (ddof 1, n >= 2) of rows with the given `moments`."""
+    mean = total / n
+    return (outer - n * np.outer(mean, mean)) / (n - 1)
+
+
+def whiten(x: np.ndarray, ref: np.ndarray | None, shrinkage: float, *, cov: np.ndarray | None = None) -> np.ndarray:
+    """Whiten x (N, D) by S = cov(ref) + shrinkage I (or the given `cov` + shrinkage I): returns x L^-T with
+    S = L L^T (Cholesky), float32.
 
     Every whitening W with W^T S W = I gives the same inner products (x W)(y W)^T = x S^-1 y^T, so cosines do
     not depend on the choice; Cholesky is the cheapest. A tiny ridge keeps a singular S (shrinkage 0) usable.
     """
     d = x.shape[1]
-    s = np.cov(ref.astype(np.float64), rowvar=False).reshape(d, d) + shrinkage * np.eye(d)
+    if cov is None:
+        cov = np.cov(np.asarray(ref, np.float64), rowvar=False)
+    s = np.asarray(cov, np.float64).reshape(d, d) + shrinkage * np.eye(d)
     s += 1e-9 * max(float(np.trace(s)) / d, 1e-12) * np.eye(d)
     chol = linalg.cholesky(s, lower=True)
     inv_t = linalg.solve_triangular(chol, np.eye(d), lower=True).T.astype(np.float32)  # L^-T
@@ -179,20 +196,22 @@ def group_mean_cosines(u: np.ndarray, groups: np.ndarray, n_groups: int) -> tupl
 
 
 def permutation_pvalues(u: np.ndarray, groups: np.ndarray, n_groups: int, n_permutations: int,
-                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        rng: np.random.Generator, pool: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Replicate-consistency p-values of groups of wells within ONE experiment.
 
-    u: (M, D) unit-norm embeddings of all wells of the experiment (the null pool); groups: (M,) group index or -1.
-    p = (#{null >= observed} + 1) / (n_permutations + 1), the null drawn as random sets of the group's size from
-    all M wells; sets of one size share the same draws. Returns (p, stat, size), each (n_groups,); p and stat are
-    NaN for groups with fewer than 2 wells.
+    u: (M, D) unit-norm embeddings of the wells of the experiment; groups: (M,) group index or -1; pool: (M,)
+    bool, the wells the null draws from (None: all M). p = (#{null >= observed} + 1) / (n_permutations + 1),
+    the null drawn as random sets of the group's size from the pool wells; sets of one size share the same
+    draws. Returns (p, stat, size), each (n_groups,); p and stat are NaN for groups with fewer than 2 wells.
     """
     stat, size = group_mean_cosines(u, groups, n_groups)
     p = np.full(n_groups, np.nan)
     ok = size >= 2
     if not ok.any():
         return p, stat, size
-    null = null_mean_cosines(u, int(size[ok].max()), n_permutations, rng)
+    ref = u if pool is None else u[np.asarray(pool, bool)]
+    null = null_mean_cosines(ref, int(size[ok].max()), n_permutations, rng)
     for n in np.unique(size[ok]):
         col = np.sort(null[:, n])
         g = np.flatnonzero(size == n)
