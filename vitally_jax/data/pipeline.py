@@ -32,21 +32,26 @@ def self_standardize_np(x: np.ndarray) -> np.ndarray:
     (x - mean) / sqrt(biased var + 1e-5). Same formula as `vitally_jax.models.preprocess.self_standardize`, in
     numpy so that it runs in input threads without touching the accelerator. For uint8 input the mean and
     variance are exact (float64 from a 256-bin histogram per channel) and the output is a per-channel lookup
-    table, so the result is the exact value rounded once to float32."""
+    table, so the result is the exact value rounded once to float32.
+
+    As in the JAX version, the sums run on values shifted by each channel's first pixel (the same formula, since
+    mean and variance are shift-invariant), so a constant channel is exactly 0: every shifted value is 0."""
     x = np.asarray(x)
-    if x.dtype != np.uint8:  # float input is taken as already scaled to [0, 1]
-        f = x.astype(np.float32)
-        mean = f.mean(axis=(-3, -2), keepdims=True)
-        var = np.square(f - mean).mean(axis=(-3, -2), keepdims=True)
-        return (f - mean) / np.sqrt(var + np.float32(EPS))
+    if x.dtype != np.uint8:  # float input is taken as already scaled to [0, 1]; float64 sums, like the histogram
+        f = x.astype(np.float32).astype(np.float64)
+        f = f - f[..., :1, :1, :]
+        f = f - f.mean(axis=(-3, -2), keepdims=True)
+        var = np.square(f).mean(axis=(-3, -2), keepdims=True)
+        return (f / np.sqrt(var + EPS)).astype(np.float32)
     *lead, h, w, c = x.shape
     b = int(np.prod(lead)) if lead else 1
     idx = x.reshape(b, h * w, c) + (np.arange(b * c, dtype=np.int32) * 256).reshape(b, 1, c)
     hist = np.bincount(idx.ravel(), minlength=b * c * 256).reshape(b * c, 256)
-    v = np.arange(256) / 255.0
-    mean = hist @ v / (h * w)
-    var = (hist * np.square(v[None] - mean[:, None])).sum(1) / (h * w)
-    lut = ((v[None] - mean[:, None]) / np.sqrt(var[:, None] + EPS)).astype(np.float32)
+    first = x.reshape(b, h * w, c)[:, 0].reshape(b * c).astype(np.int64)
+    v = (np.arange(256)[None] - first[:, None]) / 255.0  # (b * c, 256), exactly 0 at the first pixel's value
+    mean = (hist * v).sum(1) / (h * w)
+    var = (hist * np.square(v - mean[:, None])).sum(1) / (h * w)
+    lut = ((v - mean[:, None]) / np.sqrt(var[:, None] + EPS)).astype(np.float32)
     return lut.ravel()[idx].reshape(x.shape)
 
 
