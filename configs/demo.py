@@ -104,14 +104,14 @@ def get_config(arg=None):
         t.log.recon_every_steps = 30
     c.train = t
 
-    # Embedding every block of each encoder (vitally_jax.embed_screen); crops tile each image.
+    # Embedding every block of each encoder (vitally_jax.embedding.screen); crops tile each image.
     c.embed = ml_collections.ConfigDict()
     c.embed.crop = t.input.crop
     c.embed.poolings = "cls,cls_norm,mean,mean_norm"  # stored poolings (one pass computes them all)
     c.embed.batch_size = 64 if small else 256
     c.embed.random_seed = 1  # seed of the random-init baseline encoder
 
-    # Probe sweep (vitally_jax.probe_sweep).
+    # Probe sweep (vitally_jax.probes.sweep).
     c.probe = ml_collections.ConfigDict()
     # the pooling probed and mapped: "cls" | "cls_norm" | "mean" | "mean_norm", or a list: each is probed and the
     # one with the trained model's best probe accuracy at b* is used for every encoder's maps

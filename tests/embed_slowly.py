@@ -7,7 +7,7 @@ import pathlib
 import sys
 import time
 
-import vitally_jax.embed_screen as embed_screen
+import vitally_jax.embedding.screen as embed_screen
 
 PAUSE = float(sys.argv[1])
 _embed_chunk = embed_screen._embed_chunk

@@ -110,7 +110,7 @@ def test_centerscale_parity(efaar):
         ref = efaar.ef.centerscale_on_controls(x, md, "gene", "EMPTY", batch_col)
         ours = B.centerscale_on_controls(x, ctrl, None if batch_col is None else md[batch_col].values)
         np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=1e-12)
-    assert np.all(B.centerscale(x)[:, 3] == 0)  # constant feature: scale 1, centred to 0
+    assert np.all(B.centerscale(x)[:, 3] == 0)  # constant feature: scale 1, centred to 0 (1.5 * k is exact: mean 1.5)
 
 
 def test_pca_parity_up_to_sign(efaar):

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from scipy import ndimage, stats
 
-from vitally_jax import curation as cu
-from vitally_jax import curation_stats as cs
+from vitally_jax.curation import core as cu
+from vitally_jax.curation import stats as cs
 from vitally_jax.errors import ConfigError, DataError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

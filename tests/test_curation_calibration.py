@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from vitally_jax import curation as cu
+from vitally_jax.curation import core as cu
 from vitally_jax.data.synthetic import build_world, preset, render_wells
-from vitally_jax.image_stats import image_statistics
+from vitally_jax.embedding.image_stats import image_statistics
 
 
 def image_statistics_world(seed: int):

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vitally_jax import report as R
-from vitally_jax.demo import StageRunner
+from vitally_jax.demo import html as R
+from vitally_jax.demo.stages import StageRunner
 
 
 def _demo_config(repo_root, arg="ci"):
@@ -98,7 +98,7 @@ def test_findings_compare_trained_and_random():
     sweep = pd.DataFrame([{"source": "model", "task": "perturbation", "block": 2, "score": 0.5},
                           {"source": "random_init", "task": "perturbation", "block": 1, "score": 0.3},
                           {"source": "random_init", "task": "perturbation", "block": 2, "score": 0.6}])
-    from vitally_jax.demo_report import demo_findings
+    from vitally_jax.demo.report import demo_findings
 
     f = demo_findings(summary, sweep, b_star=2)
     assert f["holds"].tolist() == [True, False, False, True]
@@ -109,6 +109,7 @@ def test_findings_compare_trained_and_random():
 @pytest.mark.slow
 def test_shrunken_demo_end_to_end(tmp_path, repo_root, capsys):
     from vitally_jax import demo
+    from vitally_jax.demo import probe as demo_probe
 
     config = _demo_config(repo_root, "ci")
     out = demo.run_pipeline(config, tmp_path / "run")
@@ -134,9 +135,9 @@ def test_shrunken_demo_end_to_end(tmp_path, repo_root, capsys):
     # the multi-pooling path probes the encoders first and adds the baseline after: probing sources apart and
     # merging must give exactly the table of probing them together
     pool = config.probe.pooling
-    apart = demo._merge_tables(demo._probe_table(config, out, pool, sources=("mae", "random_init")),
-                               demo._probe_table(config, out, pool, sources=("image_stats",)))
-    pd.testing.assert_frame_equal(apart, demo._probe_table(config, out, pool))
+    apart = demo_probe._merge_tables(demo_probe._probe_table(config, out, pool, sources=("mae", "random_init")),
+                               demo_probe._probe_table(config, out, pool, sources=("image_stats",)))
+    pd.testing.assert_frame_equal(apart, demo_probe._probe_table(config, out, pool))
     assert list(apart["source"].unique()) == ["model", "random_init", "image_stats"]
     table = pd.read_csv(tmp_path / "run" / "results.csv")
     assert {"recall CORUM", "recall StringDB", "compound-gene AP", "mAP activity", "probe perturbation"} <= set(table)

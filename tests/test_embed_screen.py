@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from flax import nnx
 
-import vitally_jax.probe as probe
+import vitally_jax.embedding.blocks as probe
 from vitally_jax.data.store import ImageStore, write_store
-from vitally_jax.embed_screen import EmbeddingStore, embed_screen, export_anndata, export_parquet, well_features
+from vitally_jax.embedding.screen import EmbeddingStore, embed_screen, export_anndata, export_parquet, well_features
 from vitally_jax.errors import ConfigError, DataError, OutputError
 from vitally_jax.models.vit import ViTEncoder, vit_config
 

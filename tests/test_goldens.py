@@ -19,8 +19,9 @@ from vitally_jax.models.preprocess import self_standardize
 
 GOLDENS = pathlib.Path(__file__).parent / "goldens"
 ATOL, LOSS_ATOL = 1e-5, 5e-6
-# The image-mode Fourier loss is ~25 here: float32 resolves it to ~2e-6, so allow 1 part in 2e6 on top.
-FOURIER_RTOL = 5e-7
+# The image-mode Fourier loss is ~25 here (a float32 ulp is 1.9e-6) and comes from two different float32 FFTs
+# (PyTorch's and XLA's) and sums over 3,456 terms: each rounds to ~1e-6 relative, so allow 2e-6 relative on top.
+FOURIER_RTOL = 2e-6
 
 
 def load(name):

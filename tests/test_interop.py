@@ -186,7 +186,7 @@ def test_pos_embed_resampling_matches_timm():
         _, size, mode = k.split("/")
         h, w = map(int, size.split("x"))
         ours = np.asarray(resample_grid(pos[1:], (3, 3), (h, w), antialias=mode == "aa"))
-        np.testing.assert_allclose(ours, g[k][0, 1:], atol=5e-6)
+        np.testing.assert_allclose(ours, g[k][0, 1:], atol=1e-5)  # two float32 resamplers: ~1e-6 each (|x| < 2)
     # the two PyTorch modes really differ, so each golden pins its own filter
     assert np.abs(g["resample/5x4/aa"] - g["resample/5x4/plain"]).max() > 1e-3
 
@@ -204,7 +204,7 @@ def test_channels_as_rgb_strategy(dinov2_inputs):
     perm = [4, 2, 0, 1, 3]
     swapped = rgb(model, x[..., perm])["mean"].reshape(2, 2, 5, d)
     np.testing.assert_allclose(np.asarray(swapped), np.asarray(feats["mean"]).reshape(2, 2, 5, d)[:, :, perm],
-                               atol=1e-6)
+                               atol=1e-5)  # the channels sit in other rows of the batch: a few ulps of |x| ~ 2
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -54,8 +54,9 @@ def test_per_block_outputs_equal_truncated_models():
     for b, out in enumerate(trunc, start=1):
         for key in ("cls", "cls_norm", "mean", "mean_norm"):
             assert out["blocks"][key].shape == (2, b, cfg.width)
-            np.testing.assert_allclose(full["blocks"][key][:, b - 1], out["blocks"][key][:, -1], atol=1e-6)
-        np.testing.assert_allclose(out["tokens"][:, 0], full["blocks"]["cls"][:, b - 1], atol=1e-6)
+            # separately compiled programs (other scan lengths) may round differently: a few ulps of |x| <= ~7
+            np.testing.assert_allclose(full["blocks"][key][:, b - 1], out["blocks"][key][:, -1], atol=1e-5)
+        np.testing.assert_allclose(out["tokens"][:, 0], full["blocks"]["cls"][:, b - 1], atol=1e-5)
     # the blocks really change the representation
     assert np.abs(np.diff(np.asarray(full["blocks"]["mean"]), axis=1)).max() > 0.1
     with pytest.raises(ConfigError, match="num_blocks"):
@@ -111,13 +112,14 @@ def test_channel_agnostic_subsets_and_permutations():
     e4, e3, ep, t4, tp, t3 = map(np.asarray, run(state, x4))
     assert e4.shape == (2, 4 * n, 64) and e3.shape == (2, 3 * n, 64) and t3.shape == (2, 1 + 3 * n, 64)
     # a 3-channel input uses the first three channel blocks (same tokens, same positions)
-    np.testing.assert_allclose(e3, e4[:, :3 * n], atol=1e-6)
+    # (values reach ~33, where a float32 ulp is 3.8e-6: tolerances scale with the largest value)
+    np.testing.assert_allclose(e3, e4[:, :3 * n], atol=2e-6 * np.abs(e4).max())
     # permuting channels permutes the token blocks, before and after the transformer
     blocks = e4.reshape(2, 4, n, -1)
-    np.testing.assert_allclose(ep.reshape(2, 4, n, -1), blocks[:, perm], atol=1e-6)
+    np.testing.assert_allclose(ep.reshape(2, 4, n, -1), blocks[:, perm], atol=2e-6 * np.abs(e4).max())
     tb = t4[:, 1:].reshape(2, 4, n, -1)
-    np.testing.assert_allclose(tp[:, 1:].reshape(2, 4, n, -1), tb[:, perm], atol=1e-5)
-    np.testing.assert_allclose(tp[:, 0], t4[:, 0], atol=1e-5)
+    np.testing.assert_allclose(tp[:, 1:].reshape(2, 4, n, -1), tb[:, perm], atol=1e-5 * np.abs(t4).max())
+    np.testing.assert_allclose(tp[:, 0], t4[:, 0], atol=1e-5 * np.abs(t4).max())
     with pytest.raises(ConfigError, match="at most 4"):
         enc.embed_patches(images((1, 32, 32, 5)))
 
@@ -146,8 +148,9 @@ def test_self_standardize_matches_numpy_two_pass():
     out = np.asarray(self_standardize(jnp.asarray(pix)))
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, ref, atol=2e-5)
-    assert np.abs(out[1, ..., 2]).max() == 0
+    assert np.abs(out[1, ..., 2]).max() == 0  # exact by construction (shifted sums of zeros), on any CPU
     np.testing.assert_allclose(np.asarray(self_standardize(jnp.asarray(x, jnp.float32))), ref, atol=2e-5)
+    assert not np.asarray(self_standardize(jnp.asarray(x, jnp.float32)))[1, ..., 2].any()  # float input: also exact 0
     with pytest.raises(DataError, match="B, H, W, C"):
         self_standardize(jnp.zeros((16, 16, 3), jnp.uint8))
 
@@ -190,7 +193,7 @@ def test_remat_and_drop_path_and_bfloat16():
     assert abs(float(other) - float(l1)) > 1e-4
     for remat in ("full", "dots_saveable"):
         lr, gr = results[remat]
-        np.testing.assert_allclose(lr, l1, atol=1e-6)
+        np.testing.assert_allclose(lr, l1, rtol=1e-5)  # the loss is ~64: a mean of 2,176 squares
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), gr, g1)
 
     cfg32 = vit_config("mu/8", depth=2)
@@ -224,7 +227,7 @@ def test_fourier_image_mode_and_loss_mix():
     out = jax.jit(lambda x, nz: model(x, noise=nz))(x, jax.random.uniform(jax.random.key(0), (2, 16)))
     np.testing.assert_array_equal(out["target"], layers.patchify(x, 8))
     ft = fourier_image(layers.unpatchify(out["pred"], 8, (4, 4), 6), x)
-    np.testing.assert_allclose(out["loss_fourier"], ft, rtol=1e-6)
+    np.testing.assert_allclose(out["loss_fourier"], ft, rtol=1e-5)  # a mean over 12,288 terms, summed in another order
     np.testing.assert_allclose(out["loss"], 0.99 * out["loss_rec"] + 0.01 * out["loss_fourier"], rtol=1e-6)
     assert out["mask"].sum() == 2 * (16 - 4)
     assert out["latent"].shape == (2, 5, 64)
@@ -265,7 +268,9 @@ def test_head_group_attention_equals_jax_attention(heads):
     k = k * 3.0  # sharper softmax rows
     ref = jax.nn.dot_product_attention(q, k, v, implementation="xla")
     got = layers.head_group_attention(q, k, v)
-    np.testing.assert_allclose(got, ref, atol=2e-6, rtol=0)
+    # scores reach |s| ~ 17 (float32 ulp 1.9e-6); a score's rounding moves its softmax weight by that relative amount,
+    # so two evaluation orders can differ by a few 1e-6 * max|v| (|v| < 4)
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
     np.testing.assert_array_equal(layers.attention(q, k, v, None), got)  # auto on CPU
     np.testing.assert_array_equal(layers.attention(q, k, v, "xla"), ref)
 
@@ -274,7 +279,7 @@ def test_head_group_attention_equals_jax_attention(heads):
     g_ref = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(*a, implementation="xla")), (0, 1, 2))(q, k, v)
     g_got = jax.grad(loss(layers.head_group_attention), (0, 1, 2))(q, k, v)
     for a, b in zip(g_got, g_ref):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5)  # as above, times |k| up to ~13 (k is scaled by 3)
     # bfloat16 inputs: bfloat16 output, float32 scores; close to the float32 result
     bf = layers.head_group_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
     assert bf.dtype == jnp.bfloat16

@@ -228,7 +228,7 @@ def test_probe_sweep_trim_and_curation_sidecars(world, tmp_path):
 
 
 def test_embed_overwrite_keeps_the_old_store_until_the_new_one_is_complete(world, tmp_path):
-    from vitally_jax.embed_screen import EmbeddingStore, embed_screen
+    from vitally_jax.embedding.screen import EmbeddingStore, embed_screen
 
     enc, _ = load_encoder(world["encoder"])
     out = tmp_path / "emb"
@@ -329,7 +329,7 @@ def test_documented_exit_code():
 
 def test_demo_stage_folder_of_a_user_is_refused(tmp_path):
     """The demo empties a stage folder only when its own fingerprint tag is there."""
-    from vitally_jax.demo import fresh_dir
+    from vitally_jax.demo.stages import fresh_dir
 
     before = user_folder(tmp_path / "train")
     with pytest.raises(OutputError, match="not a demo stage folder"):

@@ -20,7 +20,9 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert r["cpu_smoke"] and r["errors"] == []
     (train,) = r["train"]
     assert train["variant"] == "mu/8" and train["depth"] == 1 and train["dtype"] == "bfloat16"
-    assert train["finite"] and train["step_s"] > 0 and 0 < train["mfu"] < 5
+    assert train["finite"] and train["step_s"] > 0 and train["mfu"] > 0
+    # MFU divides two timings taken at different moments, so no bound on it holds on a loaded machine; check the formula
+    assert train["mfu"] == pytest.approx(train["tflops"] * 1e12 / r["peak_flops"], rel=1e-9)
     e = r["extraction"]
     assert e["every_block_images_per_s"] > 0 and e["final_block_images_per_s"] > 0
     a = r["agreement"]

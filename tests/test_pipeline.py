@@ -134,6 +134,7 @@ def test_self_standardize_formula():
     np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(self_standardize_np(x[1]), y[1])  # one image or a batch
     np.testing.assert_allclose(self_standardize_np((x / 255).astype(np.float32)), ref, atol=1e-5)
+    assert not y[1, ..., 2].any() and not self_standardize_np((x / 255).astype(np.float32))[1, ..., 2].any()  # exact 0
     from vitally_jax.models.preprocess import self_standardize  # the model-side (JAX) definition
 
     np.testing.assert_allclose(np.asarray(self_standardize(x)), y, atol=2e-5)

@@ -6,7 +6,7 @@ from flax import nnx
 from vitally_jax.errors import ConfigError, DataError
 from vitally_jax.models.preprocess import self_standardize
 from vitally_jax.models.vit import ViTEncoder, vit_config
-from vitally_jax.probe import POOLINGS, embed, make_extractor, trim_encoder
+from vitally_jax.embedding.blocks import POOLINGS, embed, make_extractor, trim_encoder
 from vitally_jax.sharding import make_mesh
 
 DEPTH = 3
@@ -37,6 +37,7 @@ def all_blocks(encoder, images):
 
 def test_single_pass_equals_truncated_models(encoder, images, all_blocks):
     assert all(v.shape == (10, DEPTH, 64) and v.dtype == np.float32 for v in all_blocks.values())
+    scale = {p: np.abs(v).max() for p, v in all_blocks.items()}
     for b in range(1, DEPTH + 1):
         trimmed = trim_encoder(encoder, b)
         assert trimmed.cfg.depth == b
@@ -44,11 +45,12 @@ def test_single_pass_equals_truncated_models(encoder, images, all_blocks):
         truncated = embed(trimmed, images, pooling=POOLINGS, batch_size=8)
         for p in POOLINGS:
             assert truncated[p].shape == (10, b, 64)
-            np.testing.assert_allclose(all_blocks[p][:, b - 1], truncated[p][:, -1], atol=1e-6, rtol=0)
+            # another program (depth b): float32 rounding differs by a few ulps of the largest value
+            np.testing.assert_allclose(all_blocks[p][:, b - 1], truncated[p][:, -1], atol=1e-5 * scale[p], rtol=0)
     # and the same through the encoder's own num_blocks argument, outside the jitted function
     direct = encoder(self_standardize(images), num_blocks=2)["blocks"]
     for p in POOLINGS:
-        np.testing.assert_allclose(all_blocks[p][:, 1], np.asarray(direct[p][:, -1]), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(all_blocks[p][:, 1], np.asarray(direct[p][:, -1]), atol=1e-5 * scale[p], rtol=0)
     # blocks really differ from each other (the test would be vacuous otherwise)
     assert np.abs(all_blocks["mean"][:, 0] - all_blocks["mean"][:, -1]).max() > 0.1
 
@@ -56,7 +58,8 @@ def test_single_pass_equals_truncated_models(encoder, images, all_blocks):
 def test_block_subset_and_pooling_selection(encoder, images, all_blocks):
     sub = embed(encoder, images, blocks=[3, 1], pooling="mean", batch_size=8)
     assert list(sub) == ["mean"] and sub["mean"].shape == (10, 2, 64)
-    np.testing.assert_allclose(sub["mean"], all_blocks["mean"][:, [0, 2]], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(sub["mean"], all_blocks["mean"][:, [0, 2]], atol=1e-5 * np.abs(all_blocks["mean"]).max(),
+                               rtol=0)
     ex = make_extractor(encoder, blocks=[2])
     assert ex.blocks == (2,) and ex.poolings == ("cls_norm", "mean")
 
@@ -69,7 +72,8 @@ def test_sharded_batch_equals_single_device(encoder, images, all_blocks):
     assert out["mean"].sharding.spec[0] == ("data", "fsdp")
     sharded = embed(encoder, images, pooling=POOLINGS, batch_size=5, mesh=mesh)  # 5 -> 8 rows per pass
     for p in POOLINGS:
-        np.testing.assert_allclose(sharded[p], all_blocks[p], atol=1e-5, rtol=0)
+        # partial sums over the fsdp shards are added in another order: a few ulps of the largest value
+        np.testing.assert_allclose(sharded[p], all_blocks[p], atol=1e-5 * np.abs(all_blocks[p]).max(), rtol=0)
 
 
 def test_bad_input(encoder, images):

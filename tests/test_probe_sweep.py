@@ -7,10 +7,10 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score
 
 from vitally_jax.errors import BenchmarkInputError, ConfigError, DataError
-from vitally_jax.gene_groups import functional_gene_groups, gene_labels, read_complexes
-from vitally_jax.linear_probe import (JaxLogisticProbe, SklearnLogisticProbe, balanced_accuracy, make_probe,
+from vitally_jax.probes.gene_groups import functional_gene_groups, gene_labels, read_complexes
+from vitally_jax.probes.linear import (JaxLogisticProbe, SklearnLogisticProbe, balanced_accuracy, make_probe,
                                       probe_scores)
-from vitally_jax.probe_sweep import (best_blocks, perturbation_split, run_sweep, task_gene_groups,
+from vitally_jax.probes.sweep import (best_blocks, perturbation_split, run_sweep, task_gene_groups,
                                      task_perturbation, write_sweep)
 
 
@@ -152,9 +152,9 @@ def test_sweep_tool_on_synthetic_screen_and_trimmed_export(tmp_path, repo_root):
     from vitally_jax.checkpoint import export_encoder, load_encoder
     from vitally_jax.data.store import ImageStore
     from vitally_jax.data.synthetic import generate_screen
-    from vitally_jax.embed_screen import EmbeddingStore
+    from vitally_jax.embedding.screen import EmbeddingStore
     from vitally_jax.models.vit import ViTEncoder, vit_config
-    from vitally_jax.probe import embed
+    from vitally_jax.embedding.blocks import embed
 
     screen = ImageStore.open(generate_screen(tmp_path / "screen", "tiny"))
     enc = ViTEncoder(vit_config("mu/8", depth=3, in_chans=6), rngs=nnx.Rngs(1))
@@ -191,6 +191,7 @@ def test_sweep_tool_on_synthetic_screen_and_trimmed_export(tmp_path, repo_root):
     imgs = screen.read_many(0, 3)
     tiles = imgs.reshape(3, 2, 32, 2, 32, 6).transpose(0, 1, 3, 2, 4, 5).reshape(12, 32, 32, 6)
     got = embed(trimmed, tiles, pooling="mean", batch_size=64)["mean"][:, -1].reshape(3, 4, -1).mean(axis=1)
-    np.testing.assert_allclose(got, stored.features("mean", [b_star["overall"]])[0, :3], atol=1e-6)
+    # a trimmed program and other batch sizes than the sweep's: float32 rounding may differ by a few ulps (|x| ~ 2)
+    np.testing.assert_allclose(got, stored.features("mean", [b_star["overall"]])[0, :3], atol=1e-5)
     full = embed(enc, tiles, blocks=[b_star["overall"]], pooling="mean", batch_size=64)["mean"][:, 0]
-    np.testing.assert_allclose(embed(trimmed, tiles, pooling="mean", batch_size=64)["mean"][:, -1], full, atol=1e-6)
+    np.testing.assert_allclose(embed(trimmed, tiles, pooling="mean", batch_size=64)["mean"][:, -1], full, atol=1e-5)

@@ -16,7 +16,7 @@ from flax import nnx
 
 from vitally_jax.checkpoint import export_encoder, load_encoder
 from vitally_jax.data.store import metadata_frame, write_store
-from vitally_jax.embed_screen import EmbeddingStore, embed_screen
+from vitally_jax.embedding.screen import EmbeddingStore, embed_screen
 from vitally_jax.models.vit import ViTEncoder, vit_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from vitally_jax.data.render import save_montage
 from vitally_jax.data.store import ImageStore
 from vitally_jax.data.synthetic import build_world, generate_screen, preset, render_wells
 from vitally_jax.errors import ConfigError
-from vitally_jax.image_stats import FEATURES, image_statistics, store_image_statistics
+from vitally_jax.embedding.image_stats import FEATURES, image_statistics, store_image_statistics
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@
     python tools/bench_curation.py --wells 20000 --quick
 
 Builds random well metadata (10 experiments, each perturbation in 4 of them, ~12% control wells) and
-embeddings with a planted signal in half of the perturbations, runs `vitally_jax.curation.curate` end to end,
+embeddings with a planted signal in half of the perturbations, runs `vitally_jax.curation.core` end to end,
 and times a naive reference (an independent permutation loop per perturbation and experiment, direct pairwise
 cosines) on a sample of the tests, extrapolated to all of them. Prints a table and the speed-up; writes JSON.
 """
@@ -19,8 +19,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from vitally_jax import curation as cu
-from vitally_jax import curation_stats as cs
+from vitally_jax.curation import core as cu
+from vitally_jax.curation import stats as cs
 
 
 def make_screen(n_wells: int, n_perts: int, n_exp: int, d: int, seed: int = 0):

@@ -5,7 +5,7 @@
 
 Three jitted programs on the same uint8 batch (self-standardisation included in each):
 
-- all blocks: `vitally_jax.probe` extractor, every block, CLS+norm and mean pooling (pooled inside the layer scan);
+- all blocks: `vitally_jax.embedding.blocks` extractor, every block, CLS+norm and mean pooling (pooled inside the layer scan);
 - final block only: the same encoder run with no per-block pooling, pooled once after the last block;
 - truncated re-runs: the final-block-only program of the encoder cut to b blocks, for every b = 1..depth (what
   a block sweep costs without the single pass).
@@ -73,7 +73,7 @@ def _bench_probes(blocks: int, width: int, n: int, k: int) -> dict:
     """Time the JAX probe (vmapped over blocks) and scikit-learn on the same (blocks, n, width) features."""
     import numpy as np
 
-    from vitally_jax.linear_probe import JaxLogisticProbe, SklearnLogisticProbe, probe_scores
+    from vitally_jax.probes.linear import JaxLogisticProbe, SklearnLogisticProbe, probe_scores
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(k, width))
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from vitally_jax.models.vit import ViTEncoder, vit_config
-    from vitally_jax.probe import make_extractor
+    from vitally_jax.embedding.blocks import make_extractor
 
     over = dict(img_size=args.img, in_chans=args.channels)
     if args.depth:

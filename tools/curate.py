@@ -21,7 +21,7 @@ from vitally_jax.errors import ConfigError
 
 
 def _parse(argv):
-    d = __import__("vitally_jax.curation", fromlist=["CurationConfig"]).CurationConfig()
+    d = __import__("vitally_jax.curation.core", fromlist=["CurationConfig"]).CurationConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--store", required=True, help="image store folder")
     p.add_argument("--embeddings", action="append", default=[], metavar="NAME=PATH",
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
 
     def work():
-        from vitally_jax import curation
+        from vitally_jax.curation import core as curation
         from vitally_jax.data.store import ImageStore
 
         cfg = curation.CurationConfig(
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         store = ImageStore.open(args.store)
         if args.image_statistics:
-            from vitally_jax.image_stats import store_image_statistics
+            from vitally_jax.embedding.image_stats import store_image_statistics
 
             sets["image_statistics"] = store_image_statistics(store)
         if not sets:

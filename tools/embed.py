@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
 
     def work():
-        from vitally_jax.embed_screen import ANNDATA_KIND, KIND, TABLE_KIND, export_anndata, export_parquet
+        from vitally_jax.embedding.screen import ANNDATA_KIND, KIND, TABLE_KIND, export_anndata, export_parquet
         from vitally_jax.fileio import check_output
 
         inputs = [p for p in (args.encoder, args.store) if p]
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             from flax import nnx
 
             from vitally_jax.checkpoint import load_encoder
-            from vitally_jax.embed_screen import embed_screen
+            from vitally_jax.embedding.screen import embed_screen
             from vitally_jax.sharding import make_mesh
 
             enc, cfg = load_encoder(args.encoder)

@@ -61,9 +61,9 @@ def main(argv=None) -> int:
 
         from vitally_jax.checkpoint import EXPORT_KIND, export_encoder, load_encoder
         from vitally_jax.fileio import check_output
-        from vitally_jax.probe_sweep import check_sweep_folder as start_sweep_folder_check
-        from vitally_jax.linear_probe import make_probe
-        from vitally_jax.probe_sweep import sweep_screen
+        from vitally_jax.probes.sweep import check_sweep_folder as start_sweep_folder_check
+        from vitally_jax.probes.linear import make_probe
+        from vitally_jax.probes.sweep import sweep_screen
 
         baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
         tasks = [t for t in args.tasks.split(",") if t]

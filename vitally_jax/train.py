@@ -23,7 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vitally_jax import checkpoint as ckpt
 from vitally_jax import flops as flops_lib
-from vitally_jax import config_checks, fileio, metrics_io, optim, sharding
+from vitally_jax import config_checks, fileio, optim, sharding
+from vitally_jax import metrics as metrics_lib
 from vitally_jax.errors import ConfigError, TrainingDivergedError
 
 log = logging.getLogger("vitally_jax.train")
@@ -186,8 +187,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                                 state_sh, mesh)
 
     # metrics files appear only once the input and the model are known to be usable (no empty event files)
-    writer = metrics_io.MetricWriter(workdir, enabled=is_main, tensorboard=config.log.tensorboard)
-    progress = metrics_io.Progress(config.total_steps)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=config.log.tensorboard)
+    progress = metrics_lib.Progress(config.total_steps)
 
     # ---------------------------------------------------------------------------------------- checkpoint --
     manager = ckpt.make_manager(workdir / "checkpoints", keep=config.checkpoint.keep,
@@ -411,5 +412,5 @@ def _reconstruction_png(recon_fn, state, batch, mae_cfg, step, workdir, is_main,
         m = np.repeat(np.repeat(mask.reshape(b, g[0], g[1], 1), e.patch_size, 1), e.patch_size, 2)
     masked = np.where(m > 0, np.nan, x)
     filled = np.where(m > 0, rec, x)
-    metrics_io.save_reconstruction_png(workdir / "reconstructions" / f"step_{step:08d}.png", x, masked, filled,
+    metrics_lib.save_reconstruction_png(workdir / "reconstructions" / f"step_{step:08d}.png", x, masked, filled,
                                        channel_names)

@@ -1,6 +1,6 @@
 """Statistics behind training-set curation: image quality, replicate consistency, Cauchy combination.
 
-Pure numpy functions; shapes in the docstrings. `vitally_jax.curation` applies them to a screen.
+Pure numpy functions; shapes in the docstrings. `vitally_jax.curation.core` applies them to a screen.
 
 Replicate consistency of a set of n wells is the mean pairwise cosine of their embeddings. For unit vectors
 u_1..u_n, sum_{i != j} u_i . u_j = ||sum u||^2 - n, so

@@ -223,7 +223,7 @@ def training_curves(metrics: pd.DataFrame, *,
 def probe_curves(sweep: pd.DataFrame, b_star: dict[str, int], *, labels: dict[str, str] | None = None) -> bytes:
     """Probe score per block, one panel per task, one line per source; b* of the trained model marked.
 
-    sweep columns (as written by `vitally_jax.probe_sweep`): source, task, block (1-based), score. Sources with
+    sweep columns (as written by `vitally_jax.probes.sweep`): source, task, block (1-based), score. Sources with
     a single row (e.g. image statistics, block 0) are drawn as horizontal dashed lines. `labels` renames sources.
     """
     labels = labels or {}

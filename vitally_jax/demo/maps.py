@@ -11,7 +11,7 @@ from __future__ import annotations
 import pathlib
 import time
 
-from vitally_jax.demo import _csv, load_features, log, well_table
+from vitally_jax.demo.stages import _csv, load_features, log, well_table
 from vitally_jax.fileio import write_npy, write_parquet
 from vitally_jax.errors import ConfigError
 

@@ -7,8 +7,8 @@ import pathlib
 import numpy as np
 import pandas as pd
 
-from vitally_jax import report as R
-from vitally_jax.demo import StageRunner
+from vitally_jax.demo import html as R
+from vitally_jax.demo.stages import StageRunner
 
 
 def demo_findings(summary: pd.DataFrame, sweep: pd.DataFrame, b_star: int) -> pd.DataFrame:
@@ -142,7 +142,7 @@ def stage_report(config, workdir: pathlib.Path, outputs: dict, runner: StageRunn
         rep.table(pd.DataFrame(steps).reindex(columns=cols), caption="counts after each curation step")
 
     rep.heading("Pretraining")
-    from vitally_jax.metrics_io import read_metrics
+    from vitally_jax.metrics import read_metrics
 
     tdir = pathlib.Path(outputs["pretrain"]["workdir"])
     metrics = pd.DataFrame(read_metrics(tdir))

@@ -1,7 +1,7 @@
 """Whole-screen embedding: every image tiled into crops, every block embedded, one resumable store on disk.
 
 Each image is cut into non-overlapping `crop` x `crop` tiles (row-major; a remainder narrower than a crop at the
-right/bottom edge is not used), every tile is embedded by the jitted every-block pass (`vitally_jax.probe`), and the
+right/bottom edge is not used), every tile is embedded by the jitted every-block pass (`vitally_jax.embedding.blocks`), and the
 tile embeddings are averaged per image. Sites of one well are averaged later (`well_features`).
 
 Embedding store layout (a folder):
@@ -156,7 +156,7 @@ def well_features(features: np.ndarray, metadata: pd.DataFrame) -> tuple[np.ndar
 
 def _manifest(encoder, image_store, *, blocks, poolings, crop, chunk_images, dtype) -> dict:
     from vitally_jax.data.pipeline import tiles_per_image
-    from vitally_jax.probe import encoder_depth
+    from vitally_jax.embedding.blocks import encoder_depth
 
     if tiles_per_image(image_store.shape[1], image_store.shape[2], crop) == 0:
         raise ConfigError(f"crop: {crop} px does not fit the {image_store.shape[1]}x{image_store.shape[2]} px images "
@@ -192,7 +192,7 @@ def embed_screen(encoder, image_store, out: str | os.PathLike, *, blocks: Iterab
 
     Args:
       encoder: a `ViTEncoder`. image_store: an `ImageStore` or the path of one.
-      blocks, pooling: as in `vitally_jax.probe.embed` (default: all blocks; 'cls_norm' and 'mean').
+      blocks, pooling: as in `vitally_jax.embedding.blocks.embed` (default: all blocks; 'cls_norm' and 'mean').
       crop: tile side in pixels; batch_size: crops per forward pass; chunk_images: images per resumable chunk.
       dtype: 'float32' or 'float16' on disk. mesh: optional mesh (batch sharded over data/fsdp).
       process_index, process_count: this process takes chunks k with k % process_count == process_index.
@@ -205,7 +205,7 @@ def embed_screen(encoder, image_store, out: str | os.PathLike, *, blocks: Iterab
     Returns: {'computed': [chunk ids computed now], 'skipped': [already done], 'complete': bool, 'seconds': float}.
     """
     from vitally_jax.data.store import ImageStore
-    from vitally_jax.probe import make_extractor, padded_step
+    from vitally_jax.embedding.blocks import make_extractor, padded_step
 
     if not isinstance(image_store, ImageStore):
         image_store = ImageStore.open(image_store)
@@ -275,7 +275,7 @@ def embed_screen(encoder, image_store, out: str | os.PathLike, *, blocks: Iterab
 def _embed_chunk(extractor, image_store, start: int, stop: int, *, crop: int, step: int) -> dict[str, np.ndarray]:
     """Mean tile embedding of images start..stop-1 -> {pooling: (nb, stop - start, D) float32}."""
     from vitally_jax.data.pipeline import inference_tiles
-    from vitally_jax.probe import run_padded
+    from vitally_jax.embedding.blocks import run_padded
 
     sums: dict[str, np.ndarray] = {}
     counts = np.zeros(stop - start, np.int64)

@@ -6,7 +6,7 @@ Tasks (each returns one balanced accuracy per block):
   the probe is trained on some experiments and scored on held-out experiments (the last `test_fraction` of the
   sorted experiment names), so it must generalise across batches. Only perturbations seen in both splits count.
 - `gene_groups`: Anax-style functional groups. Wells of gene perturbations are averaged per gene; genes are labelled
-  by disjoint CORUM complexes (`vitally_jax.gene_groups`); stratified k-fold cross-validation over genes, scored by
+  by disjoint CORUM complexes (`vitally_jax.probes.gene_groups`); stratified k-fold cross-validation over genes, scored by
   the balanced accuracy of the pooled out-of-fold predictions.
 
 Sources: the model (one score per block) and baselines (a random-init encoder of the same architecture, per block;
@@ -25,8 +25,8 @@ import pandas as pd
 
 from vitally_jax.errors import BenchmarkInputError, ConfigError, OutputError
 from vitally_jax.fileio import ARTEFACT_KEY, atomic_path, check_output, swap_in, write_marker, write_text
-from vitally_jax.gene_groups import functional_gene_groups, gene_labels
-from vitally_jax.linear_probe import LinearProbe, JaxLogisticProbe, balanced_accuracy
+from vitally_jax.probes.gene_groups import functional_gene_groups, gene_labels
+from vitally_jax.probes.linear import LinearProbe, JaxLogisticProbe, balanced_accuracy
 
 TASKS = ("perturbation", "gene_groups")
 MODEL = "model"
@@ -217,7 +217,7 @@ def write_sweep(table: pd.DataFrame, out_dir: str | pathlib.Path, *, extra: Mapp
 
 def screen_image_statistics(image_store, *, chunk_images: int = 256) -> np.ndarray:
     """Image-statistics baseline of every image of a store: (1, images, F) float32 (one pseudo-block)."""
-    from vitally_jax.image_stats import image_statistics
+    from vitally_jax.embedding.image_stats import image_statistics
 
     n = len(image_store)
     parts = [image_statistics(image_store.read_many(s, min(n, s + chunk_images))) for s in range(0, n, chunk_images)]
@@ -239,7 +239,7 @@ def sweep_screen(encoder, image_store, out_dir: str | pathlib.Path, *, pooling: 
     from flax import nnx
 
     from vitally_jax.data.store import ImageStore
-    from vitally_jax.embed_screen import EmbeddingStore, embed_screen, well_features
+    from vitally_jax.embedding.screen import EmbeddingStore, embed_screen, well_features
 
     unknown = [b for b in baselines if b not in ("random_init", "image_stats")]
     if unknown:

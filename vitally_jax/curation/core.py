@@ -50,7 +50,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from vitally_jax import curation_stats as cs
+from vitally_jax.curation import stats as cs
 from vitally_jax.errors import ConfigError, DataError
 from vitally_jax.fileio import ARTEFACT_KEY, check_output, text_tag, write_parquet, write_text
 
@@ -389,14 +389,14 @@ def load_embeddings(path: str | os.PathLike, metadata: pd.DataFrame) -> np.ndarr
 
     Formats: `.npy` (N, D) in row order; `.npz` (array `embeddings`, or its only array); `.parquet` with
     `feature_*` columns (or other numeric non-metadata columns, or one list-valued column) keyed by `image_id`
-    or, for well-level tables, by `plate` + `well_id`; an embedding store folder (`vitally_jax.embed_screen`:
+    or, for well-level tables, by `plate` + `well_id`; an embedding store folder (`vitally_jax.embedding.screen`:
     its last block, `mean` pooling when stored).
     """
     path = os.fspath(path)
     n = len(metadata)
     try:
         if os.path.isdir(path):
-            from vitally_jax.embed_screen import EmbeddingStore
+            from vitally_jax.embedding.screen import EmbeddingStore
 
             es = EmbeddingStore.open(path)
             pooling = "mean" if "mean" in es.poolings else es.poolings[0]

@@ -1,0 +1,79 @@
+"""The embedded default: one command from pixels to a scored map.
+
+    python -m vitally_jax.main --config=configs/demo.py            # ~10-15 min on a 2-core laptop CPU
+    python -m vitally_jax.main --config=configs/demo.py:ci         # shrunken, ~2-3 min
+
+Stages (each prints progress and its wall time, writes its outputs atomically and then a done-marker under
+`<workdir>/stages/`, so a rerun reuses finished stages; a stage whose config changed is rerun, and so is
+everything after it):
+
+  screen      generate the synthetic Cell Painting screen (if absent)
+  curate      Phenoprints-style curation of the training set (image-statistics embeddings)
+  pretrain    a small MAE on the curated crops
+  embed       every block of the trained MAE and of a random-init ViT of the same size; image statistics
+  probe       linear-probe sweep over blocks -> b*
+  maps        maps per model (MAE at b*, MAE last block, random-init ViT, image statistics) and alignment
+              (unaligned, PCA-center-scale, TVN)
+  benchmarks  recall per annotation source, replicate consistency, compound-gene activity, mAP
+  report      report.html (self-contained), results.json, results.csv
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+from vitally_jax.demo.maps import stage_benchmarks, stage_maps
+from vitally_jax.demo.prepare import stage_curate, stage_embed, stage_pretrain, stage_screen
+from vitally_jax.demo.probe import stage_probe
+from vitally_jax.demo.report import stage_report
+from vitally_jax.demo.stages import STAGES, StageRunner, _csv, _section, log
+from vitally_jax.errors import ConfigError
+from vitally_jax.fileio import check_output, folder_kind, write_marker
+
+__all__ = ["run", "run_pipeline", "STAGES", "WORKDIR_KIND"]
+
+# -------------------------------------------------------------------------------------------------- run
+WORKDIR_KIND = "demo workdir"
+
+
+def run(config, workdir: str | os.PathLike | None = None) -> int:
+    """Entry point for `vitally_jax.main` (job "demo"): run the pipeline into `workdir` (default
+    `config.workdir`); returns the exit status 0. Errors are `VitallyError`s with one-line messages."""
+    run_pipeline(config, workdir)
+    return 0
+
+
+def run_pipeline(config, workdir: str | os.PathLike | None = None) -> dict:
+    """Run the demo pipeline into `workdir` (default `config.workdir`); returns every stage's outputs."""
+    workdir = pathlib.Path(workdir or config.workdir)
+    # the demo resumes its own workdir stage by stage; any other non-empty folder is refused
+    check_output(workdir, WORKDIR_KIND, resume=True, inputs=[config.screen.store])
+    workdir.mkdir(parents=True, exist_ok=True)
+    if folder_kind(workdir) is None:
+        write_marker(workdir, WORKDIR_KIND, created_by="vitally_jax.demo")
+    force = tuple(_csv(config.force))
+    bad = [s for s in force if s not in STAGES]
+    if bad:
+        raise ConfigError(f"force: unknown stage(s) {bad}; expected some of {list(STAGES)}")
+    runner = StageRunner(workdir, force=force)
+    t0 = time.perf_counter()
+    log(f"workdir {workdir.resolve()}")
+    o: dict = {}
+    o["screen"] = runner.run("screen", _section(config, "screen"), lambda: stage_screen(config, workdir))
+    o["curate"] = runner.run("curate", _section(config, "curate"),
+                             lambda: stage_curate(config, workdir, o["screen"]["store"]))
+    o["pretrain"] = runner.run("pretrain", _section(config, "train"),
+                               lambda: stage_pretrain(config, workdir, o["screen"]["store"], o["curate"]["index"],
+                                                      runner.current_fingerprint))
+    o["embed"] = runner.run("embed", _section(config, "embed"),
+                            lambda: stage_embed(config, workdir, o["screen"]["store"], o["pretrain"]["encoder"],
+                                                runner.current_fingerprint))
+    o["probe"] = runner.run("probe", _section(config, "probe"), lambda: stage_probe(config, workdir, o))
+    o["maps"] = runner.run("maps", _section(config, "bench"), lambda: stage_maps(config, workdir, o))
+    o["benchmarks"] = runner.run("benchmarks", _section(config, "bench"), lambda: stage_benchmarks(config, workdir, o))
+    o["report"] = runner.run("report", {"seed": config.seed}, lambda: stage_report(config, workdir, o, runner))
+    for r in runner.records.values():
+        log(f"  {r.name:<11} {r.seconds:8.1f} s{'  (reused)' if r.reused else ''}")
+    log(f"finished in {time.perf_counter() - t0:.1f} s; report: {o['report']['report']}")
+    return o
