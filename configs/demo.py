@@ -25,22 +25,17 @@ random-init ViT reaches 0.61-0.62 on the gene-group probe, above the MAE at any 
 pooling-sensitivity table shows this for every run. With the paper's Lion, or 320 steps of a wider model, the MAE
 never leaves the predict-the-mean plateau (loss ~1.0) and loses to random init at every pooling.
 """
-import importlib.util
-import pathlib
 
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("vitally_configs_common", pathlib.Path(__file__).with_name("common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from vitally_jax import config_lib
+from vitally_jax.errors import ConfigError
 
 
 def get_config(arg=None):
     """`arg`: None (full demo) or "ci"/"smoke" (everything shrunk for a <= 3 min end-to-end run)."""
     arg = (arg or "").strip()
     if arg not in ("", "ci", "smoke"):
-        from vitally_jax.errors import ConfigError
-
         raise ConfigError(f"configs/demo.py: unknown argument {arg!r}; expected nothing, 'ci' or 'smoke'")
     small = arg in ("ci", "smoke")
 
@@ -67,9 +62,19 @@ def get_config(arg=None):
     c.curate.alpha = 0.05
     c.curate.quality = True
 
-    # Pretraining: a complete trainer config (configs/common.py), trained on WORKDIR/screen + the curated index.
-    t = common.build(dict(variant="mu/8", total_steps=2600, global_batch=64, peak_lr=1.5e-3, drop_path_rate=0.0,
-                          mesh=(-1, 1, 1), peak_flops=None), None)
+    # Pretraining: a complete trainer config (config_lib.build), trained on WORKDIR/screen + the curated index.
+    t = config_lib.build(
+        dict(
+            variant="mu/8",
+            total_steps=2600,
+            global_batch=64,
+            peak_lr=1.5e-3,
+            drop_path_rate=0.0,
+            mesh=(-1, 1, 1),
+            peak_flops=None,
+        ),
+        None,
+    )
     t.model.in_chans = 6
     # encoder: mu/8 (width 64, 3 blocks, patch 8) with LayerScale starting at 0.1 (as CaiT does for shallow ViTs)
     # so that the blocks contribute early (1e-4 keeps them near identity for hundreds of steps)
@@ -120,7 +125,7 @@ def get_config(arg=None):
     c.probe.test_fraction = 0.25
     c.probe.folds = 3 if small else 5
     c.probe.group_min_size = 3 if small else 5  # functional gene groups: disjoint CORUM complexes of this many
-    c.probe.group_max_size = 20                 # ... to this many screened genes
+    c.probe.group_max_size = 20  # ... to this many screened genes
     c.probe.b_star_task = "mean"  # which task's b* picks the block for maps: "mean" | "perturbation" | "gene_groups"
 
     # Maps and benchmarks (vitally_jax.benchmarks).

@@ -5,18 +5,24 @@
 Same recipe as the paper (Lion, one-cycle cosine, mask 0.75, Fourier 0.01) at toy scale; a larger peak lr
 so that the loss visibly falls within a few dozen steps.
 """
-import importlib.util
-import pathlib
 
-_spec = importlib.util.spec_from_file_location("vitally_configs_common", pathlib.Path(__file__).with_name("common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from vitally_jax import config_lib
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg)
-    c = common.build(dict(variant="mu/8", total_steps=40, global_batch=16, peak_lr=3e-3, drop_path_rate=0.1,
-                          mesh=(-1, 1, 1), peak_flops=None), "runlocal," + (arg or ""))
+    args = config_lib.parse_arg(arg)
+    c = config_lib.build(
+        dict(
+            variant="mu/8",
+            total_steps=40,
+            global_batch=16,
+            peak_lr=3e-3,
+            drop_path_rate=0.1,
+            mesh=(-1, 1, 1),
+            peak_flops=None,
+        ),
+        "runlocal," + (arg or ""),
+    )
     if "steps" not in args:
         c.total_steps = 40
     c.optax.peak_lr = 3e-3

@@ -7,14 +7,20 @@ Recipe: Lion b=(0.9, 0.95), wd 0.05, peak lr 3e-5, one-cycle cosine (10% warm-up
 stochastic depth 0.3, mask 0.75, Fourier weight 0.01, 500 epochs of Phenoprints-16M (~488k steps).
 CPU smoke run: `--config=configs/vitl8.py:runlocal`.
 """
-import importlib.util
-import pathlib
 
-_spec = importlib.util.spec_from_file_location("vitally_configs_common", pathlib.Path(__file__).with_name("common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from vitally_jax import config_lib
 
 
 def get_config(arg=None):
-    return common.build(dict(variant="L/8", total_steps=488_000, global_batch=16384, peak_lr=3e-5,
-                             drop_path_rate=0.3, mesh=(1, -1, 1), peak_flops=None), arg)
+    return config_lib.build(
+        dict(
+            variant="L/8",
+            total_steps=488_000,
+            global_batch=16384,
+            peak_lr=3e-5,
+            drop_path_rate=0.3,
+            mesh=(1, -1, 1),
+            peak_flops=None,
+        ),
+        arg,
+    )

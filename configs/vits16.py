@@ -7,14 +7,21 @@ stochastic depth 0.1, mask 0.75 (over all channel x position tokens), Fourier we
 `total_steps` assumes ~10M crops per epoch; set it for your store with `--config.total_steps=N`.
 CPU smoke run: `--config=configs/vits16.py:runlocal`.
 """
-import importlib.util
-import pathlib
 
-_spec = importlib.util.spec_from_file_location("vitally_configs_common", pathlib.Path(__file__).with_name("common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from vitally_jax import config_lib
 
 
 def get_config(arg=None):
-    return common.build(dict(variant="CA-S/16", local_variant="CA-mu/8", total_steps=488_000, global_batch=2048,
-                             peak_lr=1e-4, drop_path_rate=0.1, mesh=(-1, 1, 1), peak_flops=None), arg)
+    return config_lib.build(
+        dict(
+            variant="CA-S/16",
+            local_variant="CA-mu/8",
+            total_steps=488_000,
+            global_batch=2048,
+            peak_lr=1e-4,
+            drop_path_rate=0.1,
+            mesh=(-1, 1, 1),
+            peak_flops=None,
+        ),
+        arg,
+    )

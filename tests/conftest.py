@@ -2,6 +2,7 @@
 
 XLA_FLAGS must be set before jax is imported anywhere, so this happens at the very top.
 """
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -14,9 +15,9 @@ import pathlib  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-_CACHE = pathlib.Path(os.environ.get("VITALLY_JAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "vitally_jax" / "jax_cc"))
-_CACHE.mkdir(parents=True, exist_ok=True)
-jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+from vitally_jax.cli import setup_compilation_cache  # noqa: E402
+
+setup_compilation_cache()  # $VITALLY_JAX_COMPILATION_CACHE, else ~/.cache/vitally_jax/jax_cc
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -26,3 +27,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return ROOT
+
+
+def tool_main(name: str):
+    """The `main(argv)` of the command line tools/<name>.py, run from its file as `python tools/<name>.py` would
+    (no sys.path changes; tests import library code from the package only)."""
+    import runpy
+
+    return runpy.run_path(str(ROOT / "tools" / f"{name}.py"))["main"]

@@ -2,20 +2,18 @@
 
 Usage: python tests/mh_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR STORE OUT_JSON
 """
+
 import os
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def main():
@@ -25,12 +23,10 @@ def main():
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=int(n), process_id=int(pid))
     from vitally_jax import checkpoint as ckpt
+    from vitally_jax import config_lib
     from vitally_jax.train import train_and_evaluate
 
-    spec = importlib.util.spec_from_file_location("cfg_tiny", ROOT / "configs" / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("")
+    c = config_lib.load("tiny")
     c.input.store = store
     c.total_steps = 20
     c.stop_after_steps = 6
@@ -40,9 +36,18 @@ def main():
     digest = {k: float(np.abs(v).sum()) for k, v in params.items()}
     if jax.process_index() == 0:
         np.savez(pathlib.Path(out).with_suffix(".npz"), **params)
-    pathlib.Path(out).write_text(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                                             "local_devices": jax.local_device_count(), "step": summary["step"],
-                                             "metrics": summary["metrics"], "digest": digest}))
+    pathlib.Path(out).write_text(
+        json.dumps(
+            {
+                "process": jax.process_index(),
+                "devices": jax.device_count(),
+                "local_devices": jax.local_device_count(),
+                "step": summary["step"],
+                "metrics": summary["metrics"],
+                "digest": digest,
+            }
+        )
+    )
     jax.distributed.shutdown()
 
 

@@ -5,6 +5,7 @@ The training entry point (`python -m vitally_jax.main`) is run as real subproces
 interpreter start-ups overlap); the tools' `main(argv)` functions and the library calls behind them are run
 in-process through `vitally_jax.cli.run_cli`, exactly as their command lines do.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,6 +48,7 @@ def assert_one_line_error(stderr: str, code: int, rc: int, *needles: str) -> str
 
 def cli(capsys, fn, code: int, *needles: str, debug_raises: type | None = None) -> str:
     """Run `fn` as the command lines do (`run_cli`), check the one-line error; optionally check `--debug`."""
+
     def call():  # a tool's main(argv) returns its exit code; a library call returns data (exit code 0)
         out = fn()
         return out if isinstance(out, int) else None
@@ -73,6 +75,7 @@ def assert_nothing_written(path: pathlib.Path) -> None:
 # python -m vitally_jax.main (subprocesses, started together)
 # ------------------------------------------------------------------------------------------------------------
 
+
 def _main_cases(tmp: pathlib.Path) -> dict[str, tuple[list[str], int, tuple[str, ...]]]:
     (tmp / "a_file").write_text("not a folder")
     tiny = "--config=configs/tiny.py"
@@ -80,23 +83,36 @@ def _main_cases(tmp: pathlib.Path) -> dict[str, tuple[list[str], int, tuple[str,
     return {
         "config key typo": ([tiny, "--config.total_stepz=5", wd], 3, ("total_stepz", "total_steps")),
         "config argument typo": (["--config=configs/tiny.py:runlokal", wd], 3, ("runlokal",)),
-        "config value of the wrong type": ([tiny, "--config.input.global_batch=abc", wd], 3,
-                                           ("global_batch", "abc")),
+        "config value of the wrong type": ([tiny, "--config.input.global_batch=abc", wd], 3, ("global_batch", "abc")),
         "config file missing": (["--config=configs/nope.py", wd], 3, ("configs/nope.py", "not found")),
         "unknown flag": ([tiny, "--workdirr=/tmp/x", wd], 3, ("workdirr",)),
         "invalid config value": ([tiny, "--config.job=trian", wd], 3, ("config.job", "trian")),
         "unwritable workdir": ([tiny, f"--workdir={tmp / 'a_file' / 'wd'}"], 8, ("--workdir", "not writable")),
-        "image store missing": ([tiny, f"--config.input.store={tmp / 'no_store'}", wd], 4,
-                                ("no_store", "no image store")),
+        "image store missing": (
+            [tiny, f"--config.input.store={tmp / 'no_store'}", wd],
+            4,
+            ("no_store", "no image store"),
+        ),
         # optional keys (None by default) are typed placeholders: setting them parses, and the run gets as far
         # as the missing store
-        "optional keys settable": ([tiny, "--config.model.decoder_depth=2", "--config.optax.mu_dtype=bfloat16",
-                                    "--config.log.peak_flops_per_device=1e12", "--config.model.attention_impl=xla",
-                                    f"--config.input.store={tmp / 'no_store'}", wd], 4,
-                                   ("no_store", "no image store")),
-        "batch not divisible by devices": ([tiny, "--config.input.global_batch=12",
-                                            f"--config.input.store={tmp / 'no_store'}", wd], 3,
-                                           ("global_batch 12", "divisible")),
+        "optional keys settable": (
+            [
+                tiny,
+                "--config.model.decoder_depth=2",
+                "--config.optax.mu_dtype=bfloat16",
+                "--config.log.peak_flops_per_device=1e12",
+                "--config.model.attention_impl=xla",
+                f"--config.input.store={tmp / 'no_store'}",
+                wd,
+            ],
+            4,
+            ("no_store", "no image store"),
+        ),
+        "batch not divisible by devices": (
+            [tiny, "--config.input.global_batch=12", f"--config.input.store={tmp / 'no_store'}", wd],
+            3,
+            ("global_batch 12", "divisible"),
+        ),
     }
 
 
@@ -106,9 +122,17 @@ def main_runs(tmp_path_factory):
     cases = _main_cases(tmp)
     cases["--debug shows the traceback"] = (cases["config key typo"][0] + ["--debug"], None, ())
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # XLA_FLAGS from conftest: 8 devices, like the in-process tests
-    procs = {name: subprocess.Popen([sys.executable, "-m", "vitally_jax.main", *argv], cwd=ROOT, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (argv, _, _) in cases.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "vitally_jax.main", *argv],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (argv, _, _) in cases.items()
+    }
     out = {}
     for name, p in procs.items():
         _, err = p.communicate(timeout=240)
@@ -116,9 +140,21 @@ def main_runs(tmp_path_factory):
     return tmp, cases, out
 
 
-@pytest.mark.parametrize("name", ["config key typo", "config argument typo", "config value of the wrong type",
-                                  "config file missing", "unknown flag", "invalid config value", "unwritable workdir",
-                                  "image store missing", "optional keys settable", "batch not divisible by devices"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "config key typo",
+        "config argument typo",
+        "config value of the wrong type",
+        "config file missing",
+        "unknown flag",
+        "invalid config value",
+        "unwritable workdir",
+        "image store missing",
+        "optional keys settable",
+        "batch not divisible by devices",
+    ],
+)
 def test_training_entry_point(main_runs, name):
     tmp, cases, out = main_runs
     _, code, needles = cases[name]
@@ -139,13 +175,19 @@ def test_training_entry_point_debug_shows_traceback(main_runs):
 # tools/benchmark.py: embeddings, metadata, controls
 # ------------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def bench_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 8))
-    md = pd.DataFrame({"perturbation": ["EMPTY"] * 10 + [f"G{i % 10}" for i in range(30)],
-                       "experiment": ["e1"] * 40, "is_control": [True] * 10 + [False] * 30})
+    md = pd.DataFrame(
+        {
+            "perturbation": ["EMPTY"] * 10 + [f"G{i % 10}" for i in range(30)],
+            "experiment": ["e1"] * 40,
+            "is_control": [True] * 10 + [False] * 30,
+        }
+    )
     np.save(d / "emb.npy", x)
     md.to_parquet(d / "md.parquet")
     bad = x.copy()
@@ -177,8 +219,17 @@ def test_benchmark_tool(bench_inputs, capsys, name):
     emb, md, out, code, needles = BENCH_CASES[name]
     d = bench_inputs
     main = tool("benchmark").main
-    argv = ["--embeddings", str(d / emb), "--metadata", str(d / md), "--out", str(d / out), "--no-plots",
-            "--skip", "recall,cluster,map,magnitude"]
+    argv = [
+        "--embeddings",
+        str(d / emb),
+        "--metadata",
+        str(d / md),
+        "--out",
+        str(d / out),
+        "--no-plots",
+        "--skip",
+        "recall,cluster,map,magnitude",
+    ]
     cli(capsys, lambda: main(argv), code, *needles)
     assert_nothing_written(d / out)
 
@@ -188,14 +239,24 @@ def test_benchmark_tool_debug_shows_traceback(bench_inputs):
     d = bench_inputs
     main = tool("benchmark").main
     with pytest.raises(errors.BenchmarkInputError, match="NaN"):
-        main(["--embeddings", str(d / "nan.npy"), "--metadata", str(d / "md.parquet"), "--out", str(d / "dbg"),
-              "--debug"])
+        main(
+            [
+                "--embeddings",
+                str(d / "nan.npy"),
+                "--metadata",
+                str(d / "md.parquet"),
+                "--out",
+                str(d / "dbg"),
+                "--debug",
+            ]
+        )
     assert_nothing_written(d / "dbg")
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Annotation tables
 # ------------------------------------------------------------------------------------------------------------
+
 
 def test_annotation_tables(tmp_path, capsys):
     from vitally_jax.benchmarks import known_relationship_recall
@@ -204,19 +265,31 @@ def test_annotation_tables(tmp_path, capsys):
     labels = np.array([f"G{i}" for i in range(25)])
     x = rng.normal(size=(25, 4))
     pd.DataFrame({"gene_a": ["G1"], "gene_b": ["G2"]}).to_csv(tmp_path / "wrong_columns.csv", index=False)
-    cli(capsys, lambda: known_relationship_recall(x, labels, sources=[str(tmp_path / "wrong_columns.csv")]), 7,
-        "wrong_columns.csv", "entity1", "gene_a", debug_raises=errors.BenchmarkInputError)
+    cli(
+        capsys,
+        lambda: known_relationship_recall(x, labels, sources=[str(tmp_path / "wrong_columns.csv")]),
+        7,
+        "wrong_columns.csv",
+        "entity1",
+        "gene_a",
+        debug_raises=errors.BenchmarkInputError,
+    )
     # genes the map does not have: the bundled CORUM table shares no pair with G0..G24
-    line = cli(capsys, lambda: known_relationship_recall(x, labels, sources=["CORUM"]), 7,
-               "no annotated pair", "'G0'")
+    line = cli(capsys, lambda: known_relationship_recall(x, labels, sources=["CORUM"]), 7, "no annotated pair", "'G0'")
     assert "np.str_" not in line
-    cli(capsys, lambda: known_relationship_recall(x, labels, sources=[str(tmp_path / "absent.csv")]), 7,
-        "absent.csv", "not found")
+    cli(
+        capsys,
+        lambda: known_relationship_recall(x, labels, sources=[str(tmp_path / "absent.csv")]),
+        7,
+        "absent.csv",
+        "not found",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Weight files (tools/convert_weights.py)
 # ------------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def timm_state():
@@ -242,10 +315,12 @@ def test_weight_files(timm_state, tmp_path, capsys):
     safetensors.numpy.save_file(bad, str(wrong_shape))
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(wrong_keys.read_bytes()[:30])
-    for src, needles in ((wrong_keys, ("wrong_keys.safetensors", "cls_token")),
-                         (wrong_shape, ("wrong_shape.safetensors", "mlp_out_proj")),
-                         (truncated, ("truncated.safetensors",)),
-                         (tmp_path / "absent.safetensors", ("absent.safetensors", "not found"))):
+    for src, needles in (
+        (wrong_keys, ("wrong_keys.safetensors", "cls_token")),
+        (wrong_shape, ("wrong_shape.safetensors", "mlp_out_proj")),
+        (truncated, ("truncated.safetensors",)),
+        (tmp_path / "absent.safetensors", ("absent.safetensors", "not found")),
+    ):
         out = tmp_path / f"out_{src.stem}"
         cli(capsys, lambda: main([str(src), "--layout", "timm-vit", "--to", "orbax", str(out)]), 6, *needles)
         assert_nothing_written(out)
@@ -254,6 +329,7 @@ def test_weight_files(timm_state, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------------------
 # Images, metadata and stores
 # ------------------------------------------------------------------------------------------------------------
+
 
 def test_store_writer_rejects_bad_images_and_metadata(tmp_path, capsys):
     from vitally_jax.data.store import metadata_frame, write_store
@@ -271,8 +347,13 @@ def test_store_writer_rejects_bad_images_and_metadata(tmp_path, capsys):
     ]
     for k, (images, md, needles) in enumerate(cases):
         out = tmp_path / f"store{k}"
-        cli(capsys, lambda: write_store(out, images, md, ["x", "y", "z"]), 4, *needles,
-            debug_raises=errors.DataError if k == 0 else None)
+        cli(
+            capsys,
+            lambda: write_store(out, images, md, ["x", "y", "z"]),
+            4,
+            *needles,
+            debug_raises=errors.DataError if k == 0 else None,
+        )
         assert_nothing_written(out)
 
 
@@ -281,8 +362,9 @@ def good_store(tmp_path_factory):
     from vitally_jax.data.store import metadata_frame, write_store
 
     images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
-    return write_store(tmp_path_factory.mktemp("good") / "store", images,
-                       metadata_frame([f"i{k}" for k in range(4)]), ["a", "b", "c"]), images
+    return write_store(
+        tmp_path_factory.mktemp("good") / "store", images, metadata_frame([f"i{k}" for k in range(4)]), ["a", "b", "c"]
+    ), images
 
 
 def _copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
@@ -327,8 +409,9 @@ def test_deleted_image_file_is_a_data_error(good_store, tmp_path, capsys):
     bad = _copy(good_store[0], tmp_path / "deleted")
     shutil.rmtree(bad / "images.zarr" / "c" / "0")
     cli(capsys, lambda: ImageStore.open(bad).read(0), 4, "images.zarr", "missing", "c/0", "images 0..3")
-    dark = write_store(tmp_path / "dark", np.zeros((2, 16, 16, 3), np.uint8), metadata_frame(["d0", "d1"]),
-                       ["a", "b", "c"])
+    dark = write_store(
+        tmp_path / "dark", np.zeros((2, 16, 16, 3), np.uint8), metadata_frame(["d0", "d1"]), ["a", "b", "c"]
+    )
     assert ImageStore.open(dark).read(1).shape == (16, 16, 3)  # an all-zero shard is written, so it reads
 
 
@@ -369,8 +452,7 @@ def test_corrupt_image_file_in_import(tmp_path, capsys):
     cli(capsys, lambda: main(["jump", str(root / "load_data.csv"), str(out)]), 4, "P1_A01_s1_RNA.tiff")
     assert_nothing_written(out)
     (root / "P1_A01_s1_RNA.tiff").unlink()
-    cli(capsys, lambda: main(["jump", str(root / "load_data.csv"), str(out)]), 4, "P1_A01_s1_RNA.tiff",
-        "not found")
+    cli(capsys, lambda: main(["jump", str(root / "load_data.csv"), str(out)]), 4, "P1_A01_s1_RNA.tiff", "not found")
     assert_nothing_written(out)
 
 
@@ -378,15 +460,36 @@ def test_corrupt_image_file_in_import(tmp_path, capsys):
 # Encoders and embedding runs (tools/embed.py)
 # ------------------------------------------------------------------------------------------------------------
 
+
 def test_embed_tool_inputs(good_store, tmp_path, capsys):
     main = tool("embed").main
     out = tmp_path / "emb"
-    cli(capsys, lambda: main(["--encoder", str(tmp_path / "no_encoder"), "--store", str(good_store[0]),
-                              "--out", str(out), "--no-progress"]), 5, "no_encoder", "not an encoder export")
+    cli(
+        capsys,
+        lambda: main(
+            [
+                "--encoder",
+                str(tmp_path / "no_encoder"),
+                "--store",
+                str(good_store[0]),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        ),
+        5,
+        "no_encoder",
+        "not an encoder export",
+    )
     assert_nothing_written(out)
     cli(capsys, lambda: main(["--out", str(out), "--export-block", "1"]), 3, "--export-block", "--parquet")
-    cli(capsys, lambda: main(["--out", str(out), "--export-block", "1", "--parquet", str(tmp_path / "b.parquet")]),
-        4, "emb", "not an embedding store")
+    cli(
+        capsys,
+        lambda: main(["--out", str(out), "--export-block", "1", "--parquet", str(tmp_path / "b.parquet")]),
+        4,
+        "emb",
+        "not an embedding store",
+    )
     assert_nothing_written(tmp_path / "b.parquet")
 
 
@@ -394,12 +497,17 @@ def test_embed_tool_inputs(good_store, tmp_path, capsys):
 # Disk full
 # ------------------------------------------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def tiny_filesystem(path: pathlib.Path, size: str = "1m"):
     """A 1 MiB tmpfs mounted at `path` (needs root); yields False when mounting is not possible here."""
     path.mkdir(parents=True, exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                        capture_output=True).returncode == 0
+    ok = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
     try:
         yield ok
     finally:
@@ -417,8 +525,10 @@ def test_disk_full_while_writing_a_store(tmp_path, capsys, monkeypatch):
     meta = metadata_frame([f"i{k}" for k in range(len(images))])
     with tiny_filesystem(tmp_path / "small") as mounted:
         if not mounted:  # simulate: the final rename of the atomic write fails with ENOSPC
+
             def full(*a, **k):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
             monkeypatch.setattr(fileio.os, "replace", full)
         out = tmp_path / "small" / "store"
         cli(capsys, lambda: write_store(out, images, meta, ["a", "b", "c"]), 8, str(out), "no space left")

@@ -1,4 +1,5 @@
 """mAP equals copairs (the JUMP consortium reference) within 1e-6: APs, mAPs, p-values, BH, fraction retrieved."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,15 +33,23 @@ def _wells(seed=0, n_perts=25, n_ctrl=40, d=12):
 def test_phenotypic_activity_equals_copairs(tmp_path):
     x, md = _wells()
     meta = assign_reference_index(md, "pert == 'DMSO'", reference_col="ref")
-    ref_ap = copairs_map.average_precision(meta, x, pos_sameby=["pert", "ref"], pos_diffby=[], neg_sameby=[],
-                                           neg_diffby=["pert", "ref"], progress_bar=False)
+    ref_ap = copairs_map.average_precision(
+        meta,
+        x,
+        pos_sameby=["pert", "ref"],
+        pos_diffby=[],
+        neg_sameby=[],
+        neg_diffby=["pert", "ref"],
+        progress_bar=False,
+    )
     ours_ap = mapk.average_precisions(x, md.pert.values, reference=(md.pert == "DMSO").values)
     np.testing.assert_allclose(ours_ap.average_precision, ref_ap.average_precision, atol=1e-6, equal_nan=True)
     np.testing.assert_array_equal(ours_ap.n_pos_pairs, ref_ap.n_pos_pairs)
     np.testing.assert_array_equal(ours_ap.n_total_pairs, ref_ap.n_total_pairs)
 
-    ref_map = copairs_map.mean_average_precision(ref_ap, ["pert"], null_size=2000, threshold=0.05, seed=3,
-                                                 progress_bar=False, cache_dir=tmp_path)
+    ref_map = copairs_map.mean_average_precision(
+        ref_ap, ["pert"], null_size=2000, threshold=0.05, seed=3, progress_bar=False, cache_dir=tmp_path
+    )
     ours = mapk.phenotypic_activity(x, md, perturbation_col="pert", control_key="DMSO", null_size=2000, seed=3)
     assert list(ours.perturbation) == list(ref_map.pert)
     for a, b in [("mean_average_precision",) * 2, ("p_value",) * 2, ("corrected_p_value",) * 2]:
@@ -63,10 +72,12 @@ def test_phenotypic_consistency_equals_copairs(tmp_path):
     prof = [(i, a) for i, g in enumerate(genes) for a in ([ann[g]] if isinstance(ann.get(g), str) else ann.get(g, []))]
     meta = pd.DataFrame({"complex": [a for _, a in prof]})
     feats = x[[i for i, _ in prof]]
-    ref_ap = copairs_map.average_precision(meta, feats, pos_sameby=["complex"], pos_diffby=[], neg_sameby=[],
-                                           neg_diffby=["complex"], progress_bar=False)
-    ref = copairs_map.mean_average_precision(ref_ap, ["complex"], null_size=1000, threshold=0.05, seed=7,
-                                             progress_bar=False, cache_dir=tmp_path)
+    ref_ap = copairs_map.average_precision(
+        meta, feats, pos_sameby=["complex"], pos_diffby=[], neg_sameby=[], neg_diffby=["complex"], progress_bar=False
+    )
+    ref = copairs_map.mean_average_precision(
+        ref_ap, ["complex"], null_size=1000, threshold=0.05, seed=7, progress_bar=False, cache_dir=tmp_path
+    )
     assert list(ours.annotation) == list(ref.complex)
     for col in ["mean_average_precision", "p_value", "corrected_p_value"]:
         np.testing.assert_allclose(ours[col], ref[col], atol=1e-6)

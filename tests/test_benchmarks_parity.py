@@ -8,6 +8,7 @@ RESTATEMENT OF THE REFERENCE: geomloss's tensorized energy-kernel loss
 0.5<a, K_xx a> + 0.5<b, K_yy b> - <a, K_xy b>, K = -sqrt(max(|x|^2 + |y|^2 - 2xy, 1e-8)), uniform weights.
 Everything else (sampling, nulls, p-values, KS, StandardScaler, PCA, fractional_matrix_power) is EFAAR's code.
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,6 +29,7 @@ def _energy_loss_restated(x, y):
     def dist(a, b):
         d2 = (a * a).sum(-1)[:, None] - 2 * (a @ b.T) + (b * b).sum(-1)[None, :]
         return np.sqrt(np.maximum(d2, 1e-8))
+
     a = np.full(len(x), 1 / len(x))
     b = np.full(len(y), 1 / len(y))
     return np.float64(0.5 * a @ (-dist(x, x) @ a) + 0.5 * b @ (-dist(y, y) @ b) - a @ (-dist(x, y) @ b))
@@ -46,9 +48,13 @@ def efaar():
     def samples_loss(name):
         assert name == "energy"
         return _energy_loss_restated
+
     geomloss.SamplesLoss = samples_loss
-    stand_ins = {k: v for k, v in {"scvi": scvi, "scvi.model": scvi.model, "torch": torch,
-                                   "geomloss": geomloss}.items() if k not in sys.modules}
+    stand_ins = {
+        k: v
+        for k, v in {"scvi": scvi, "scvi.model": scvi.model, "torch": torch, "geomloss": geomloss}.items()
+        if k not in sys.modules
+    }
     with mock.patch.dict(sys.modules, stand_ins):
         import efaar_benchmarking.benchmarking as bm
         import efaar_benchmarking.efaar as ef
@@ -103,8 +109,9 @@ def _colsign_close(a, b, rtol=RTOL):
 def test_centerscale_parity(efaar):
     x, md = _wells()
     np.testing.assert_allclose(B.centerscale(x), efaar.ef.centerscale_by_batch(x), rtol=RTOL, atol=1e-12)
-    np.testing.assert_allclose(B.centerscale(x, md.batch.values), efaar.ef.centerscale_by_batch(x, md, "batch"),
-                               rtol=RTOL, atol=1e-12)
+    np.testing.assert_allclose(
+        B.centerscale(x, md.batch.values), efaar.ef.centerscale_by_batch(x, md, "batch"), rtol=RTOL, atol=1e-12
+    )
     ctrl = (md.gene == "EMPTY").values
     for batch_col in (None, "batch"):
         ref = efaar.ef.centerscale_on_controls(x, md, "gene", "EMPTY", batch_col)
@@ -131,7 +138,7 @@ def test_tvn_parity(efaar, n_ctrl_per_batch, batch):
     # the constant feature gives one principal axis without control variance; EFAAR keeps it as noise/1e-16
     assert ours.shape[1] == x.shape[1] - 1
     if not batch:
-        _colsign_close(ours, ref[:, :ours.shape[1]])
+        _colsign_close(ours, ref[:, : ours.shape[1]])
     else:
         # EFAAR's degenerate column leaks through CORAL into all others; compare on a map without it
         x2 = x.copy()
@@ -171,6 +178,7 @@ def _map(efaar, zero_row=True):
 
 def test_recall_parity(efaar, tmp_path):
     from sklearn.utils import Bunch
+
     feats, labels = _map(efaar)
     # EFAAR de-duplicates 340k rows with a per-row pandas apply (~45 s); give it the rows that can matter
     # (both genes in the map, raw: self-pairs, reversed duplicates kept) as its own data folder.
@@ -178,13 +186,20 @@ def test_recall_parity(efaar, tmp_path):
     for src in B.SOURCES:
         raw = pd.read_csv(ann.ANNOTATION_DIR / f"{src}.txt")
         raw = raw[raw.entity1.isin(labels) & raw.entity2.isin(labels)]
-        raw = pd.concat([raw, raw.iloc[:3][["entity2", "entity1"]].set_axis(["entity1", "entity2"], axis=1),
-                         pd.DataFrame({"entity1": [labels[0]], "entity2": [labels[0]]})])
+        raw = pd.concat(
+            [
+                raw,
+                raw.iloc[:3][["entity2", "entity1"]].set_axis(["entity1", "entity2"], axis=1),
+                pd.DataFrame({"entity1": [labels[0]], "entity2": [labels[0]]}),
+            ]
+        )
         raw.to_csv(tmp_path / f"{src}.txt", index=False)
         tables[src] = str(tmp_path / f"{src}.txt")
     ref = efaar.bm.known_relationship_benchmark(
-        Bunch(features=pd.DataFrame(feats), metadata=pd.DataFrame({"gene": labels})), "gene",
-        benchmark_data_dir=str(tmp_path))
+        Bunch(features=pd.DataFrame(feats), metadata=pd.DataFrame({"gene": labels})),
+        "gene",
+        benchmark_data_dir=str(tmp_path),
+    )
     ours = B.known_relationship_recall(feats, labels)
     pd.testing.assert_frame_equal(B.known_relationship_recall(feats, labels, sources=tables), ours)
     ours_block = B.known_relationship_recall(feats, labels, dense=False, block_rows=7)
@@ -203,8 +218,9 @@ def test_consistency_parity_and_quirk(efaar):
     negs = sorted(set(genes[::5]) | set(singles[::2]))  # one-replicate negatives -> NaN in the null
     assert any(one_rep[g] == 1 for g in negs)
     ref = efaar.bm.pert_signal_consistency_benchmark(x, md, "gene", negs, keys_to_drop=["EMPTY"], n_jobs=1)
-    quirk = B.signal_consistency(x, md, perturbation_col="gene", negative_controls=negs, drop=["EMPTY"],
-                                 efaar_quirk=True)
+    quirk = B.signal_consistency(
+        x, md, perturbation_col="gene", negative_controls=negs, drop=["EMPTY"], efaar_quirk=True
+    )
     fixed = B.signal_consistency(x, md, perturbation_col="gene", negative_controls=negs, drop=["EMPTY"])
     ref = ref.set_index("pert").loc[quirk.pert]
     np.testing.assert_allclose(quirk.avgcossim, ref.avgcossim.astype(float), rtol=RTOL, equal_nan=True)
@@ -225,8 +241,9 @@ def test_magnitude_parity_and_quirk(efaar):
     counts = md.gene.value_counts()
     negs = sorted(set(genes[::5]) | {g for g in genes if counts[g] == 1})
     ref = efaar.bm.pert_signal_magnitude_benchmark(x, md, "gene", negs, "EMPTY", n_jobs=1)
-    quirk = B.signal_magnitude(x, md, perturbation_col="gene", negative_controls=negs, control_key="EMPTY",
-                               efaar_quirk=True)
+    quirk = B.signal_magnitude(
+        x, md, perturbation_col="gene", negative_controls=negs, control_key="EMPTY", efaar_quirk=True
+    )
     fixed = B.signal_magnitude(x, md, perturbation_col="gene", negative_controls=negs, control_key="EMPTY")
     ref = ref.set_index("pert").loc[quirk.pert]
     np.testing.assert_allclose(quirk.edist, ref.edist.astype(float), rtol=RTOL, equal_nan=True)
@@ -238,15 +255,19 @@ def test_magnitude_parity_and_quirk(efaar):
 
 def test_cluster_parity(efaar, capsys):
     from sklearn.utils import Bunch
+
     feats, labels = _map(efaar)
-    ref = efaar.bm.cluster_benchmark(Bunch(features=pd.DataFrame(feats), metadata=pd.DataFrame({"gene": labels})),
-                                     "gene", benchmark_data_dir=str(ann.ANNOTATION_DIR), min_genes=5)
+    ref = efaar.bm.cluster_benchmark(
+        Bunch(features=pd.DataFrame(feats), metadata=pd.DataFrame({"gene": labels})),
+        "gene",
+        benchmark_data_dir=str(ann.ANNOTATION_DIR),
+        min_genes=5,
+    )
     ours = B.cluster_benchmark(feats, labels, min_genes=5)
     assert len(ours) == len(ref) >= 6
     assert list(ours.cluster) == list(ref.cluster)
     assert [list(g) for g in ours.genes] == [list(g) for g in ref.genes]
-    for col in ["within_cossim_mean", "between_cossim_mean", "cluster_size", "not_cluster_size", "ks_stat",
-                "ks_pval"]:
+    for col in ["within_cossim_mean", "between_cossim_mean", "cluster_size", "not_cluster_size", "ks_stat", "ks_pval"]:
         np.testing.assert_allclose(ours[col].astype(float), ref[col].astype(float), rtol=RTOL)
 
 
@@ -255,7 +276,8 @@ def test_fused_tvn_mean_map_equals_efaar(efaar):
     x[:, 3] = np.random.default_rng(9).normal(size=len(x))  # no degenerate axis: compare with EFAAR directly
     ctrl = (md.gene == "EMPTY").values
     fused = B.aggregate_transformed(x, md.gene.values, B.tvn_transforms(x, ctrl, md.batch.values), drop=["EMPTY"])
-    ref = efaar.ef.aggregate(efaar.ef.tvn_on_controls(x, md, "gene", "EMPTY", "batch"), md, "gene",
-                             keys_to_remove=["EMPTY"])
+    ref = efaar.ef.aggregate(
+        efaar.ef.tvn_on_controls(x, md, "gene", "EMPTY", "batch"), md, "gene", keys_to_remove=["EMPTY"]
+    )
     assert list(fused.perturbations) == list(ref.metadata.gene)
     _colsign_close(fused.features, ref.features.values)

@@ -1,5 +1,6 @@
 """Whole-suite behaviour: validation errors, blockwise recall, replicate consistency, compound-gene activity,
 `benchmark(...)` and the `tools/benchmark.py` command line."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -55,9 +56,12 @@ def test_validation_errors_are_one_line_benchmark_input_errors():
         (lambda: B.known_relationship_recall(x[:30], [f"NOTAGENE{i}" for i in range(30)]), "no annotated pair"),
         (lambda: B.known_relationship_recall(x[:5], ["SNRPE", "SNRPF", "SNRPG", "A", "B"]), "at least 20"),
         (lambda: B.benchmark(x, md.assign(perturbation=[f"u{i}" for i in range(len(md))])), "replicate wells"),
-        (lambda: B.known_relationship_recall(
-            x[:30], [f"G{i}" for i in range(30)], sources=[pd.DataFrame({"a": ["G1"], "b": ["G2"]})]),
-         "missing columns"),
+        (
+            lambda: B.known_relationship_recall(
+                x[:30], [f"G{i}" for i in range(30)], sources=[pd.DataFrame({"a": ["G1"], "b": ["G2"]})]
+            ),
+            "missing columns",
+        ),
         (lambda: B.cluster_benchmark(x[:30], [f"G{i}" for i in range(30)]), "no complex"),
     ]
     for fn, match in cases:
@@ -88,8 +92,7 @@ def test_blockwise_recall_equals_dense(threads):
     assert sn.size == 400 * 399 // 2
     # same pairs; blocked BLAS products may differ from the full product in the last bits: a length-8 dot product
     # of unit vectors is within 8 * 2^-53 (8.9e-16) of exact, so two evaluations within 2e-15
-    np.testing.assert_allclose(sn.values(), np.sort(B.cosine_matrix(x)[np.triu_indices(400, 1)]), rtol=0,
-                               atol=2e-15)
+    np.testing.assert_allclose(sn.values(), np.sort(B.cosine_matrix(x)[np.triu_indices(400, 1)]), rtol=0, atol=2e-15)
     q = np.array([-0.5, 0.0, 0.1, 0.99])
     below, below_eq = sn.counts(q)
     np.testing.assert_array_equal(below, np.searchsorted(sn.values(), q, "left"))
@@ -111,6 +114,7 @@ def test_replicate_consistency_detects_signal_and_its_absence():
 
 def test_average_precision_and_auc_match_sklearn():
     from sklearn.metrics import average_precision_score, roc_auc_score
+
     rng = np.random.default_rng(0)
     for k in range(5):
         y = (rng.uniform(size=30) < 0.3).astype(float)
@@ -161,8 +165,9 @@ def test_benchmark_report_and_cli(tmp_path, repo_root, capsys):
     spec = importlib.util.spec_from_file_location("benchmark_cli", repo_root / "tools" / "benchmark.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert cli.main(["--embeddings", str(emb), "--metadata", str(meta), "--out", str(out),
-                     "--map-null-size", "500"]) == 0
+    assert (
+        cli.main(["--embeddings", str(emb), "--metadata", str(meta), "--out", str(out), "--map-null-size", "500"]) == 0
+    )
     got = json.loads((out / "summary.json").read_text())["summary"]
     assert got["CORUM_recall_0.05_0.95"] == pytest.approx(s["CORUM_recall_0.05_0.95"])
     for f in ["summary.csv", "report.md", "recall.csv", "recall.png", "similarities.png", "map_activity.csv"]:

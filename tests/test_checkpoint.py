@@ -1,7 +1,6 @@
 """Acceptance D: restore onto another mesh == identical parameters; export -> load_encoder == identical embeddings."""
-import importlib.util
+
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,17 +10,12 @@ from flax import nnx
 
 import vitally_jax
 from vitally_jax import checkpoint as ckpt
-from vitally_jax import sharding, train
+from vitally_jax import config_lib, sharding, train
 from vitally_jax.errors import CheckpointError
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def tiny_config():
-    spec = importlib.util.spec_from_file_location("cfg_tiny", ROOT / "configs" / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("")
+    c = config_lib.load("tiny")
     c.total_steps = 40
     return c
 
@@ -42,8 +36,14 @@ def saved(tmp_path_factory):
     graphdef, abs_state, state_sh, state, mae_cfg = create_on(config, mesh)
     # move every parameter (incl. LayerScale, biases) and the optimiser moments away from their init
     rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda x: jax.device_put((np.asarray(x) + 0.01 * rng.normal(size=x.shape)).astype(x.dtype),
-                                                  x.sharding) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    state = jax.tree.map(
+        lambda x: (
+            jax.device_put((np.asarray(x) + 0.01 * rng.normal(size=x.shape)).astype(x.dtype), x.sharding)
+            if jnp.issubdtype(x.dtype, jnp.floating)
+            else x
+        ),
+        state,
+    )
     wd = tmp_path_factory.mktemp("ckpt")
     mngr = ckpt.make_manager(wd, keep=2)
     ckpt.save(mngr, 7, state[0], state[1], None, {"step": 7, "process_count": 1}, force=True)
@@ -58,8 +58,12 @@ def test_restore_onto_another_mesh_is_identical(saved, shape):
     mesh = sharding.make_mesh(shape)
     _, abs_state, state_sh, _, _ = train.build_abstract(config, train.model_config(config), mesh)
     mngr = ckpt.make_manager(wd, keep=2)
-    m, o, meta = ckpt.restore(mngr, mngr.latest_step(), ckpt.abstract_like(abs_state[0], state_sh[0]),
-                              ckpt.abstract_like(abs_state[1], state_sh[1]))
+    m, o, meta = ckpt.restore(
+        mngr,
+        mngr.latest_step(),
+        ckpt.abstract_like(abs_state[0], state_sh[0]),
+        ckpt.abstract_like(abs_state[1], state_sh[1]),
+    )
     mngr.close()
     assert meta["step"] == 7
     ref_m, ref_o = ckpt.state_to_numpy(state[0]), ckpt.state_to_numpy(state[1])
@@ -84,8 +88,9 @@ def test_restore_into_wrong_model_is_checkpoint_error(saved):
     _, abs_state, state_sh, _, _ = train.build_abstract(config, train.model_config(config), mesh)
     mngr = ckpt.make_manager(wd, keep=2)
     with pytest.raises(CheckpointError, match="does not match"):
-        ckpt.restore(mngr, 7, ckpt.abstract_like(abs_state[0], state_sh[0]),
-                     ckpt.abstract_like(abs_state[1], state_sh[1]))
+        ckpt.restore(
+            mngr, 7, ckpt.abstract_like(abs_state[0], state_sh[0]), ckpt.abstract_like(abs_state[1], state_sh[1])
+        )
     mngr.close()
 
 
@@ -102,7 +107,7 @@ def test_export_load_encoder_gives_identical_embeddings(saved, tmp_path):
     model, _ = nnx.merge(graphdef, state)
     out = ckpt.export_encoder(tmp_path / "encoder", nnx.state(model.encoder), mae_cfg.encoder)
     assert json.loads((out / "encoder.json").read_text())["vit_config"]["depth"] == mae_cfg.encoder.depth
-    enc, cfg = vitally_jax.load_encoder(out)
+    enc, cfg, _ = vitally_jax.load_encoder(out)
     assert cfg == mae_cfg.encoder
     leaf = jax.tree.leaves(nnx.state(enc))[0]
     assert len(leaf.devices()) == 1  # loads on one device whatever mesh wrote it
@@ -112,7 +117,7 @@ def test_export_load_encoder_gives_identical_embeddings(saved, tmp_path):
     for k in ("cls", "cls_norm", "mean", "mean_norm"):
         assert np.array_equal(np.asarray(want["blocks"][k]), np.asarray(got["blocks"][k])), k
     # loading replicated over a mesh of all 8 devices gives the same parameters
-    enc8, _ = ckpt.load_encoder(out, mesh=sharding.make_mesh((-1, 1, 1)))
+    enc8, _, _ = ckpt.load_encoder(out, mesh=sharding.make_mesh((-1, 1, 1)))
     ref_params = ckpt.state_to_numpy(nnx.state(ref))
     got8 = ckpt.state_to_numpy(nnx.state(enc8))
     assert all(np.array_equal(ref_params[k], got8[k]) for k in ref_params)
@@ -120,7 +125,7 @@ def test_export_load_encoder_gives_identical_embeddings(saved, tmp_path):
 
     # a trimmed export (the paper's b*) holds the first b blocks of the full encoder and says depth b
     trimmed = ckpt.export_encoder(tmp_path / "trimmed", nnx.state(model.encoder), mae_cfg.encoder, num_blocks=2)
-    enc2, cfg2 = ckpt.load_encoder(trimmed)
+    enc2, cfg2, _ = ckpt.load_encoder(trimmed)
     assert cfg2.depth == 2 and cfg2 == mae_cfg.encoder.__class__(**{**cfg.__dict__, "depth": 2})
     got2 = ckpt.state_to_numpy(nnx.state(enc2))
     for k, v in ref_params.items():

@@ -1,13 +1,15 @@
 """Curation: filters, replicate-consistency permutation test, Cauchy combination, index and report output."""
+
 from __future__ import annotations
 
 import json
 import pathlib
-import sys
+import types
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tool_main
 from scipy import ndimage, stats
 
 from vitally_jax.curation import core as cu
@@ -17,8 +19,7 @@ from vitally_jax.errors import ConfigError, DataError
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def simulate(n_genes=40, n_exp=4, plates=2, reps=2, n_ctrl=20, d=16, frac_active=0.5, strength=1.0, sites=1,
-             seed=0):
+def simulate(n_genes=40, n_exp=4, plates=2, reps=2, n_ctrl=20, d=16, frac_active=0.5, strength=1.0, sites=1, seed=0):
     """Metadata (one row per image) and embeddings of a screen where a known half of the genes shift the
     embedding of their wells; plates and experiments add strong offsets. Returns (meta, emb, active)."""
     rng = np.random.default_rng(seed)
@@ -34,10 +35,18 @@ def simulate(n_genes=40, n_exp=4, plates=2, reps=2, n_ctrl=20, d=16, frac_active
             for g in list(range(n_genes)) * reps + [None] * n_ctrl:
                 ct = "" if g is not None else ("positive" if w % 4 == 0 else "negative")
                 for s in range(sites):
-                    rows.append(dict(image_id=f"e{e}p{p}w{w}s{s}", well_id=f"w{w}", plate=f"e{e}p{p}",
-                                     experiment=f"e{e}", perturbation=genes[g] if ct == "" else ct[:3].upper(),
-                                     perturbation_type="gene" if ct == "" else "control", is_control=ct != "",
-                                     control_type=ct))
+                    rows.append(
+                        dict(
+                            image_id=f"e{e}p{p}w{w}s{s}",
+                            well_id=f"w{w}",
+                            plate=f"e{e}p{p}",
+                            experiment=f"e{e}",
+                            perturbation=genes[g] if ct == "" else ct[:3].upper(),
+                            perturbation_type="gene" if ct == "" else "control",
+                            is_control=ct != "",
+                            control_type=ct,
+                        )
+                    )
                     emb.append(poff + (prog[g] if g is not None else 0) + rng.normal(size=d))
                 w += 1
     return pd.DataFrame(rows), np.asarray(emb, np.float32), dict(zip(genes, active))
@@ -58,8 +67,9 @@ def test_cauchy_combination_matches_closed_form():
     np.testing.assert_allclose(cs.cauchy_combination(q), exp3, rtol=1e-9)
     # weights, a single p-value (identity), all-NaN rows, tiny p keeps relative precision
     w = np.array([0.1, 0.2, 0.3, 0.4])
-    np.testing.assert_allclose(cs.cauchy_combination(p, w),
-                               0.5 - np.arctan(np.tan((0.5 - p) * np.pi) @ w) / np.pi, rtol=1e-9)
+    np.testing.assert_allclose(
+        cs.cauchy_combination(p, w), 0.5 - np.arctan(np.tan((0.5 - p) * np.pi) @ w) / np.pi, rtol=1e-9
+    )
     np.testing.assert_allclose(cs.cauchy_combination(p[:, :1]), p[:, 0], rtol=1e-9)
     assert np.isnan(cs.cauchy_combination(np.full((1, 3), np.nan)))[0]
     tiny = cs.cauchy_combination(np.array([[1e-12, 1e-12]]))[0]
@@ -106,8 +116,9 @@ def test_well_means_center_scale_and_whiten():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(7, 3)).astype(np.float32)
     wells = np.array([2, 0, 2, 1, 0, 2, 1])
-    np.testing.assert_allclose(cs.well_means(x, wells, 4),
-                               [x[[1, 4]].mean(0), x[[3, 6]].mean(0), x[[0, 2, 5]].mean(0), np.zeros(3)], atol=1e-6)
+    np.testing.assert_allclose(
+        cs.well_means(x, wells, 4), [x[[1, 4]].mean(0), x[[3, 6]].mean(0), x[[0, 2, 5]].mean(0), np.zeros(3)], atol=1e-6
+    )
     np.testing.assert_array_equal(cs.well_means(x, np.array([3, 1, 0, 2, 6, 5, 4]), 7)[[3, 1, 0]], x[:3])
     y = rng.normal(size=(400, 3)) * [1.0, 5.0, 0.0] + [3.0, -2.0, 7.0]
     z = cs.center_scale(y, np.repeat([0, 1], 200))
@@ -119,10 +130,15 @@ def test_well_means_center_scale_and_whiten():
     # moments of a subset subtract from the whole: the covariance of the other rows, as used for whitening
     n, s, o = cs.moments(mix + 5.0)
     n1, s1, o1 = cs.moments(mix[:1200] + 5.0)
-    np.testing.assert_allclose(cs.covariance(n - n1, s - s1, o - o1), np.cov(mix[1200:], rowvar=False),
-                               rtol=1e-8, atol=1e-8)
-    np.testing.assert_allclose(cs.whiten(mix, None, 0.5, cov=np.cov(mix[1200:], rowvar=False)),
-                               cs.whiten(mix, mix[1200:], 0.5), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        cs.covariance(n - n1, s - s1, o - o1), np.cov(mix[1200:], rowvar=False), rtol=1e-8, atol=1e-8
+    )
+    np.testing.assert_allclose(
+        cs.whiten(mix, None, 0.5, cov=np.cov(mix[1200:], rowvar=False)),
+        cs.whiten(mix, mix[1200:], 0.5),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def _random_tests(n_pert=300, n_exp=3, reps=4, d=8, seed=5, n_perm=999):
@@ -172,8 +188,9 @@ def test_null_is_drawn_from_negative_controls():
     cfg = cu.CurationConfig(n_permutations=200)
     t = cu.consistency_tests(wells, emb, [f"P{i}" for i in range(6)], cfg)
     assert t.groupby("experiment").null_pool.first().to_dict() == {"e0": "controls", "e1": "all"}
-    t_all = cu.consistency_tests(wells, emb, [f"P{i}" for i in range(6)],
-                                 cu.CurationConfig(n_permutations=200, null_pool="all"))
+    t_all = cu.consistency_tests(
+        wells, emb, [f"P{i}" for i in range(6)], cu.CurationConfig(n_permutations=200, null_pool="all")
+    )
     assert (t_all.null_pool == "all").all()
     np.testing.assert_allclose(t_all.mean_cosine, t.mean_cosine, rtol=1e-6)  # same statistics, other null
     # centred on all wells, the phenotype-free wells of e0 share an offset away from its positive-control
@@ -237,12 +254,24 @@ def test_filters_and_report_counts():
     emb = emb[meta.index]
     meta = meta.reset_index(drop=True)
     meta.loc[5, "plate"] = ""
-    cfg = cu.CurationConfig(min_experiments=3, min_wells=10, keep_positive_controls=0.1,
-                            keep_negative_controls=0.3, n_permutations=50, alpha=0.99)
+    cfg = cu.CurationConfig(
+        min_experiments=3,
+        min_wells=10,
+        keep_positive_controls=0.1,
+        keep_negative_controls=0.3,
+        n_permutations=50,
+        alpha=0.99,
+    )
     res = cu.curate(meta, {"e": emb}, cfg)
     steps = {s["step"]: s for s in res.report["steps"]}
-    assert [s["step"] for s in res.report["steps"]] == ["input", "missing_metadata", "image_quality",
-                                                        "min_replicates", "control_undersampling", "consistency"]
+    assert [s["step"] for s in res.report["steps"]] == [
+        "input",
+        "missing_metadata",
+        "image_quality",
+        "min_replicates",
+        "control_undersampling",
+        "consistency",
+    ]
     assert steps["input"]["images"] == len(meta)
     assert steps["missing_metadata"]["removed_images"] == 1
     assert steps["min_replicates"]["removed_perturbations"] == 2  # G0 (2 experiments) and G1 (4 x 1 = 4 wells)
@@ -287,25 +316,57 @@ def test_store_curation_writes_index_and_report(tmp_path):
 
     meta, emb, active = simulate(n_genes=12, n_exp=3, plates=1, reps=4, n_ctrl=8, seed=12)
     meta = meta.assign(well_row=0, well_col=0, site=0, guide_id="", concentration=np.nan)
-    meta = meta[list(cu.REQUIRED[:4]) + ["well_row", "well_col", "site", "perturbation", "perturbation_type",
-                                         "guide_id", "concentration", "is_control", "control_type"]]
+    meta = meta[
+        list(cu.REQUIRED[:4])
+        + [
+            "well_row",
+            "well_col",
+            "site",
+            "perturbation",
+            "perturbation_type",
+            "guide_id",
+            "concentration",
+            "is_control",
+            "control_type",
+        ]
+    ]
     rng = np.random.default_rng(13)
-    imgs = ndimage.gaussian_filter(rng.integers(0, 200, (len(meta), 16, 16, 2)).astype(float),
-                                   sigma=(0, 1, 1, 0)).astype(np.uint8)
+    imgs = ndimage.gaussian_filter(
+        rng.integers(0, 200, (len(meta), 16, 16, 2)).astype(float), sigma=(0, 1, 1, 0)
+    ).astype(np.uint8)
     imgs[0] = 0
     write_store(tmp_path / "s", imgs, meta, ["DNA", "ER"])
     np.save(tmp_path / "emb.npy", emb)
     # a well-level table as exported by embed_screen: metadata (numeric columns too) + feature_* columns
-    emb_pq = pd.concat([meta.drop(columns=["image_id", "site"]).reset_index(drop=True),
-                        pd.DataFrame(emb, columns=[f"feature_{i:04d}" for i in range(emb.shape[1])])], axis=1)
+    emb_pq = pd.concat(
+        [
+            meta.drop(columns=["image_id", "site"]).reset_index(drop=True),
+            pd.DataFrame(emb, columns=[f"feature_{i:04d}" for i in range(emb.shape[1])]),
+        ],
+        axis=1,
+    )
     emb_pq.iloc[::-1].to_parquet(tmp_path / "emb.parquet")
-    sys.path.insert(0, str(ROOT / "tools"))
-    import curate as curate_cli
+    curate_cli = types.SimpleNamespace(main=tool_main("curate"))
 
     out = tmp_path / "cur" / "index.parquet"
-    rc = curate_cli.main(["--store", str(tmp_path / "s"), "--embeddings", f"a={tmp_path / 'emb.npy'}",
-                          "--embeddings", f"b={tmp_path / 'emb.parquet'}", "--out", str(out),
-                          "--min-wells", "8", "--permutations", "200", "--batch-size", "7"])
+    rc = curate_cli.main(
+        [
+            "--store",
+            str(tmp_path / "s"),
+            "--embeddings",
+            f"a={tmp_path / 'emb.npy'}",
+            "--embeddings",
+            f"b={tmp_path / 'emb.parquet'}",
+            "--out",
+            str(out),
+            "--min-wells",
+            "8",
+            "--permutations",
+            "200",
+            "--batch-size",
+            "7",
+        ]
+    )
     assert rc == 0
     idx = pd.read_parquet(out)
     store = ImageStore.open(tmp_path / "s")
@@ -329,8 +390,17 @@ def test_store_curation_writes_index_and_report(tmp_path):
     # bad input: one line, data exit code, nothing written
     bad = tmp_path / "bad" / "index.parquet"
     np.save(tmp_path / "short.npy", emb[:5])
-    rc = curate_cli.main(["--store", str(tmp_path / "s"), "--embeddings", f"a={tmp_path / 'short.npy'}",
-                          "--out", str(bad), "--no-quality"])
+    rc = curate_cli.main(
+        [
+            "--store",
+            str(tmp_path / "s"),
+            "--embeddings",
+            f"a={tmp_path / 'short.npy'}",
+            "--out",
+            str(bad),
+            "--no-quality",
+        ]
+    )
     assert rc == DataError.exit_code and not bad.exists()
     assert curate_cli.main(["--store", str(tmp_path / "s"), "--embeddings", "nopath", "--out", str(bad)]) == 3
 
@@ -357,14 +427,15 @@ def test_synthetic_screen_planted_genes_kept_with_image_statistics(tmp_path):
     """Acceptance on the embedded synthetic world: image-statistics embeddings, the full CLI path."""
     from vitally_jax.data.synthetic import generate_screen, preset
 
-    path = generate_screen(tmp_path / "screen", preset("tiny", replicates=4, guides_per_gene=3,
-                                                        no_phenotype_fraction=0.4, seed=3))
-    sys.path.insert(0, str(ROOT / "tools"))
-    import curate as curate_cli
+    path = generate_screen(
+        tmp_path / "screen", preset("tiny", replicates=4, guides_per_gene=3, no_phenotype_fraction=0.4, seed=3)
+    )
+    curate_cli = types.SimpleNamespace(main=tool_main("curate"))
 
     out = tmp_path / "index.parquet"
-    rc = curate_cli.main(["--store", str(path), "--image-statistics", "--out", str(out), "--min-wells", "8",
-                          "--permutations", "500"])
+    rc = curate_cli.main(
+        ["--store", str(path), "--image-statistics", "--out", str(out), "--min-wells", "8", "--permutations", "500"]
+    )
     assert rc == 0
     genes = pd.read_parquet(path / "genes.parquet").set_index("gene")
     per = pd.read_parquet(tmp_path / "index.report.perturbations.parquet").set_index("perturbation")
@@ -375,8 +446,14 @@ def test_synthetic_screen_planted_genes_kept_with_image_statistics(tmp_path):
     g = g[g.dropped_at != "min_replicates"]
     planted, null = g[g.has_phenotype], g[~g.has_phenotype]
     assert len(planted) >= 20 and len(null) >= 10
-    print("kept planted", planted.kept.mean(), "kept null", null.kept.mean(),
-          "kept strong", planted[planted.strength >= 1.0].kept.mean())
+    print(
+        "kept planted",
+        planted.kept.mean(),
+        "kept null",
+        null.kept.mean(),
+        "kept strong",
+        planted[planted.strength >= 1.0].kept.mean(),
+    )
     assert planted.kept.mean() >= 0.65
     assert planted[planted.strength >= 1.0].kept.mean() >= 0.85
     assert null.kept.mean() <= 0.1

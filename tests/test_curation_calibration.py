@@ -1,5 +1,6 @@
 """Curation acceptance: under the default settings, the consistency p-values of genes without phenotype are
 uniform on a synthetic world with planted phenotypes, and the planted genes are kept."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +16,18 @@ from vitally_jax.embedding.image_stats import image_statistics
 def image_statistics_world(seed: int):
     """(genes, metadata, per-image statistics) of a world of 800 genes, half of them without phenotype, each with
     5 guides x 4 replicate experiments = 20 wells (the default minimum), 24 x 24 images (~19,500 wells)."""
-    cfg = preset("tiny", n_genes=800, guides_per_gene=5, replicates=4, n_experiments=4, n_compounds=0,
-                 no_phenotype_fraction=0.5, image_size=24, cell_radius=3.0, seed=seed)
+    cfg = preset(
+        "tiny",
+        n_genes=800,
+        guides_per_gene=5,
+        replicates=4,
+        n_experiments=4,
+        n_compounds=0,
+        no_phenotype_fraction=0.5,
+        image_size=24,
+        cell_radius=3.0,
+        seed=seed,
+    )
     genes, _, _, _, meta, z, imaging = build_world(cfg)
     feats, batch = [], []
     for img in render_wells(cfg, z, imaging):
@@ -50,8 +61,10 @@ def test_null_genes_have_uniform_pvalues_under_the_default_config(world):
     p = null["p_image_statistics"].to_numpy()
     ks = stats.kstest(p, "uniform").pvalue
     below = (p < 0.05).mean()
-    print(f"null genes {len(null)}: median p {np.median(p):.3f}, KS p {ks:.3g}, share below 0.05 {below:.4f}; "
-          f"planted kept {planted.kept.mean():.3f}")
+    print(
+        f"null genes {len(null)}: median p {np.median(p):.3f}, KS p {ks:.3g}, share below 0.05 {below:.4f}; "
+        f"planted kept {planted.kept.mean():.3f}"
+    )
     assert ks > 0.05
     assert 0.03 <= below <= 0.07
     assert 0.4 <= np.median(p) <= 0.6
@@ -71,7 +84,9 @@ def test_random_well_null_is_miscalibrated_on_the_same_world(world):
     assert (res.tests["null_pool"] == "all").all()
     g = _by_gene(genes, res)
     p = g.loc[~g.has_phenotype, "p_image_statistics"].to_numpy()
-    print(f"null from all wells: median p {np.median(p):.3f}, KS p {stats.kstest(p, 'uniform').pvalue:.3g}, "
-          f"share below 0.05 {(p < 0.05).mean():.4f}")
+    print(
+        f"null from all wells: median p {np.median(p):.3f}, KS p {stats.kstest(p, 'uniform').pvalue:.3g}, "
+        f"share below 0.05 {(p < 0.05).mean():.4f}"
+    )
     assert stats.kstest(p, "uniform").pvalue < 1e-6
     assert np.median(p) < 0.4 and (p < 0.05).mean() > 0.07

@@ -1,5 +1,5 @@
 """The embedded default: stage reuse, the report's figures and tables, and the shrunken demo end to end."""
-import importlib.util
+
 import json
 import math
 
@@ -7,15 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from vitally_jax import config_lib
 from vitally_jax.demo import html as R
 from vitally_jax.demo.stages import StageRunner
-
-
-def _demo_config(repo_root, arg="ci"):
-    spec = importlib.util.spec_from_file_location("demo_config", repo_root / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
 
 
 # ------------------------------------------------------------------------------------------- stage machinery
@@ -26,6 +20,7 @@ def test_stage_runner_reuses_finished_stages_and_reruns_changed_ones(tmp_path):
         def fn():
             calls.append(name)
             return {"value": value}
+
         return fn
 
     def pipeline(a_cfg, b_cfg, force=()):
@@ -62,13 +57,24 @@ def test_stage_failure_leaves_no_marker(tmp_path):
 def test_report_figures_decode_and_tables_are_finite(tmp_path):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 255, (2, 32, 32, 6), dtype=np.uint8)
-    sweep = pd.DataFrame([{"source": s, "task": t, "block": b, "score": 0.1 * b + (s == "model")}
-                          for s in ("model", "random_init") for t in ("perturbation", "gene_groups") for b in (1, 2, 3)]
-                         + [{"source": "image_stats", "task": t, "block": 0, "score": 0.3}
-                            for t in ("perturbation", "gene_groups")])
-    recall = pd.DataFrame([{"source": s, "model": m, "recall": 0.1 + 0.05 * k}
-                           for k, (s, m) in enumerate([(s, m) for s in ("CORUM", "StringDB") for m in ("a", "b")])])
-    metrics = pd.DataFrame({"step": np.arange(0, 100, 10), "loss": np.linspace(2, 1, 10), "lr": np.linspace(0, 1e-3, 10)})
+    sweep = pd.DataFrame(
+        [
+            {"source": s, "task": t, "block": b, "score": 0.1 * b + (s == "model")}
+            for s in ("model", "random_init")
+            for t in ("perturbation", "gene_groups")
+            for b in (1, 2, 3)
+        ]
+        + [{"source": "image_stats", "task": t, "block": 0, "score": 0.3} for t in ("perturbation", "gene_groups")]
+    )
+    recall = pd.DataFrame(
+        [
+            {"source": s, "model": m, "recall": 0.1 + 0.05 * k}
+            for k, (s, m) in enumerate([(s, m) for s in ("CORUM", "StringDB") for m in ("a", "b")])
+        ]
+    )
+    metrics = pd.DataFrame(
+        {"step": np.arange(0, 100, 10), "loss": np.linspace(2, 1, 10), "lr": np.linspace(0, 1e-3, 10)}
+    )
     rep = R.Report("test")
     rep.figure(R.channel_montage(imgs, list("ABCDEF"), ["w1", "w2"]))
     rep.figure(R.probe_curves(sweep, {"perturbation": 3}))
@@ -85,19 +91,28 @@ def test_report_figures_decode_and_tables_are_finite(tmp_path):
     assert cells == ["1.235", "3", "2.000", "4"]
     assert "x&lt;y" in path.read_text()  # text is escaped
     R.write_results(pd.DataFrame({"model": ["a"], "recall": [0.5]}), tmp_path, extra={"b_star": 2})
-    assert json.loads((tmp_path / "results.json").read_text()) == {"results": [{"model": "a", "recall": 0.5}], "b_star": 2}
+    assert json.loads((tmp_path / "results.json").read_text()) == {
+        "results": [{"model": "a", "recall": 0.5}],
+        "b_star": 2,
+    }
     assert pd.read_csv(tmp_path / "results.csv")["recall"].tolist() == [0.5]
 
 
 def test_findings_compare_trained_and_random():
-    summary = pd.DataFrame([
-        {"model_key": "mae_bstar", "alignment": "tvn", "recall CORUM": 0.4, "recall StringDB": 0.2},
-        {"model_key": "random_init", "alignment": "tvn", "recall CORUM": 0.2, "recall StringDB": 0.25},
-        {"model_key": "mae_bstar", "alignment": "unaligned", "recall CORUM": 0.1, "recall StringDB": 0.1},
-    ])
-    sweep = pd.DataFrame([{"source": "model", "task": "perturbation", "block": 2, "score": 0.5},
-                          {"source": "random_init", "task": "perturbation", "block": 1, "score": 0.3},
-                          {"source": "random_init", "task": "perturbation", "block": 2, "score": 0.6}])
+    summary = pd.DataFrame(
+        [
+            {"model_key": "mae_bstar", "alignment": "tvn", "recall CORUM": 0.4, "recall StringDB": 0.2},
+            {"model_key": "random_init", "alignment": "tvn", "recall CORUM": 0.2, "recall StringDB": 0.25},
+            {"model_key": "mae_bstar", "alignment": "unaligned", "recall CORUM": 0.1, "recall StringDB": 0.1},
+        ]
+    )
+    sweep = pd.DataFrame(
+        [
+            {"source": "model", "task": "perturbation", "block": 2, "score": 0.5},
+            {"source": "random_init", "task": "perturbation", "block": 1, "score": 0.3},
+            {"source": "random_init", "task": "perturbation", "block": 2, "score": 0.6},
+        ]
+    )
     from vitally_jax.demo.report import demo_findings
 
     f = demo_findings(summary, sweep, b_star=2)
@@ -111,7 +126,7 @@ def test_shrunken_demo_end_to_end(tmp_path, repo_root, capsys):
     from vitally_jax import demo
     from vitally_jax.demo import probe as demo_probe
 
-    config = _demo_config(repo_root, "ci")
+    config = config_lib.load("demo", "ci")
     out = demo.run_pipeline(config, tmp_path / "run")
     report = tmp_path / "run" / "report.html"
     assert report.is_file() and out["report"]["report"] == str(report)
@@ -135,8 +150,10 @@ def test_shrunken_demo_end_to_end(tmp_path, repo_root, capsys):
     # the multi-pooling path probes the encoders first and adds the baseline after: probing sources apart and
     # merging must give exactly the table of probing them together
     pool = config.probe.pooling
-    apart = demo_probe._merge_tables(demo_probe._probe_table(config, out, pool, sources=("mae", "random_init")),
-                               demo_probe._probe_table(config, out, pool, sources=("image_stats",)))
+    apart = demo_probe._merge_tables(
+        demo_probe._probe_table(config, out, pool, sources=("mae", "random_init")),
+        demo_probe._probe_table(config, out, pool, sources=("image_stats",)),
+    )
     pd.testing.assert_frame_equal(apart, demo_probe._probe_table(config, out, pool))
     assert list(apart["source"].unique()) == ["model", "random_init", "image_stats"]
     table = pd.read_csv(tmp_path / "run" / "results.csv")
@@ -152,8 +169,15 @@ def test_shrunken_demo_end_to_end(tmp_path, repo_root, capsys):
         assert im.size[0] > 50 and im.size[1] > 50
         assert np.asarray(im.convert("L"), np.float32).std() > 0
     text = report.read_text()
-    for heading in ("Findings", "The screen", "Pretraining", "Block search", "Maps and benchmarks",
-                    "Run time per stage", "Versions and configuration"):
+    for heading in (
+        "Findings",
+        "The screen",
+        "Pretraining",
+        "Block search",
+        "Maps and benchmarks",
+        "Run time per stage",
+        "Versions and configuration",
+    ):
         assert f"<h2>{heading}</h2>" in text
     assert "http://" not in text and "https://" not in text  # self-contained
 

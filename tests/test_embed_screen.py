@@ -1,4 +1,5 @@
 """Whole-screen embedding store: tiling and averaging, resume after interruption, processes, exports."""
+
 import json
 
 import numpy as np
@@ -31,9 +32,23 @@ def store(tmp_path_factory):
     rows = []
     for i in range(n):
         well = i // 2
-        rows.append(dict(image_id=f"img{i:02d}", well_id=f"W{well:02d}", plate="P1", experiment="E1", well_row=well,
-                         well_col=1, site=i % 2 + 1, perturbation=f"g{well % 3}", perturbation_type="gene",
-                         guide_id="", concentration=np.nan, is_control=False, control_type=""))
+        rows.append(
+            dict(
+                image_id=f"img{i:02d}",
+                well_id=f"W{well:02d}",
+                plate="P1",
+                experiment="E1",
+                well_row=well,
+                well_col=1,
+                site=i % 2 + 1,
+                perturbation=f"g{well % 3}",
+                perturbation_type="gene",
+                guide_id="",
+                concentration=np.nan,
+                is_control=False,
+                control_type="",
+            )
+        )
     images = rng.integers(0, 256, (n, 32, 32, 4), dtype=np.uint8)
     path = write_store(tmp_path_factory.mktemp("screen") / "screen", images, pd.DataFrame(rows), list("ABCD"))
     return ImageStore.open(path)
@@ -61,7 +76,7 @@ def test_store_holds_mean_of_tile_embeddings(encoder, store, reference):
     pd.testing.assert_frame_equal(s.metadata, store.metadata)
     # image 5 by hand: its four 16x16 tiles embedded with `probe.embed`, then averaged
     img = store.read(5)
-    tiles = np.stack([img[y:y + 16, x:x + 16] for y in (0, 16) for x in (0, 16)])
+    tiles = np.stack([img[y : y + 16, x : x + 16] for y in (0, 16) for x in (0, 16)])
     direct = probe.embed(encoder, tiles, pooling="mean", batch_size=8)["mean"].mean(axis=0)  # (nb, D)
     np.testing.assert_allclose(feats[:, 5], direct, atol=1e-5)  # other batches, another tile-mean order: a few ulps
     np.testing.assert_array_equal(s.features("mean", [3, 1]), feats[[2, 0]])
@@ -163,13 +178,35 @@ def test_embed_tool_runs_exports_and_reports_errors(encoder, store, reference, t
     spec.loader.exec_module(tool)
     export_encoder(tmp_path / "encoder", nnx.state(encoder), encoder.cfg)
     out = tmp_path / "emb"
-    rc = tool.main(["--encoder", str(tmp_path / "encoder"), "--store", str(store.path), "--out", str(out),
-                    "--crop", "16", "--batch-size", "8", "--chunk-images", "4", "--dtype", "float16",
-                    "--export-block", "2", "--parquet", str(tmp_path / "b2.parquet"), "--no-progress"])
+    rc = tool.main(
+        [
+            "--encoder",
+            str(tmp_path / "encoder"),
+            "--store",
+            str(store.path),
+            "--out",
+            str(out),
+            "--crop",
+            "16",
+            "--batch-size",
+            "8",
+            "--chunk-images",
+            "4",
+            "--dtype",
+            "float16",
+            "--export-block",
+            "2",
+            "--parquet",
+            str(tmp_path / "b2.parquet"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and "computed 6 chunks" in capsys.readouterr().out
     got = EmbeddingStore.open(out)
     assert got.manifest["dtype"] == "float16"
-    np.testing.assert_allclose(got.features("mean"), EmbeddingStore.open(reference).features("mean"), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        got.features("mean"), EmbeddingStore.open(reference).features("mean"), rtol=2e-3, atol=2e-3
+    )
     assert len(pd.read_parquet(tmp_path / "b2.parquet")) == 11
     rc = tool.main(["--out", str(out), "--parquet", str(tmp_path / "x.parquet")])
     err = capsys.readouterr().err.strip()

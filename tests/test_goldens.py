@@ -1,7 +1,8 @@
-"""Parity with the PyTorch reference (timm 0.9.7 / timm >= 1.0.25 and the torch MAE of tools/make_goldens.py).
+"""Parity with the PyTorch reference (timm 0.9.7 / timm >= 1.0.25 and the torch MAE of tools/goldens/make_goldens.py).
 
 The goldens are committed npz files; this test never imports torch.
 """
+
 import json
 import pathlib
 
@@ -12,7 +13,8 @@ import pytest
 from flax import nnx
 
 from vitally_jax.errors import WeightsError
-from vitally_jax.models import convert
+from vitally_jax.interop.openphenom import OPENPHENOM_ENCODER, load_mae_weights, mae_params_from_openphenom
+from vitally_jax.interop.timm_vit import encoder_to_timm
 from vitally_jax.models.layers import unpatchify, unpatchify_channels
 from vitally_jax.models.mae import MAE, fourier_image, mae_config
 from vitally_jax.models.preprocess import self_standardize
@@ -35,12 +37,24 @@ def load(name):
 def golden_config(meta):
     ca = meta["channel_agnostic"]
     return mae_config(
-        "CA-mu/8" if ca else "mu/8", width=meta["width"], depth=meta["depth"], num_heads=meta["heads"],
-        mlp_dim=meta["width"] * meta["mlp_ratio"], patch_size=meta["patch"], img_size=meta["img"],
-        in_chans=meta["chans"], max_in_chans=meta["ca_max_chans"], decoder_width=meta["dec_width"],
-        decoder_depth=meta["ca_dec_depth"] if ca else meta["dec_depth"], decoder_heads=meta["dec_heads"],
-        cross_attn_heads=meta["ca_cross_heads"], decoder_channels=meta["chans"], mask_ratio=meta["mask_ratio"],
-        fourier_weight=meta["fourier_weight"], fourier="reference")
+        "CA-mu/8" if ca else "mu/8",
+        width=meta["width"],
+        depth=meta["depth"],
+        num_heads=meta["heads"],
+        mlp_dim=meta["width"] * meta["mlp_ratio"],
+        patch_size=meta["patch"],
+        img_size=meta["img"],
+        in_chans=meta["chans"],
+        max_in_chans=meta["ca_max_chans"],
+        decoder_width=meta["dec_width"],
+        decoder_depth=meta["ca_dec_depth"] if ca else meta["dec_depth"],
+        decoder_heads=meta["dec_heads"],
+        cross_attn_heads=meta["ca_cross_heads"],
+        decoder_channels=meta["chans"],
+        mask_ratio=meta["mask_ratio"],
+        fourier_weight=meta["fourier_weight"],
+        fourier="reference",
+    )
 
 
 _COMPILED = {}
@@ -49,14 +63,16 @@ _COMPILED = {}
 def run_model(meta, sd, arrays, mlp_bias):
     """Load the golden state dict into our MAE; one jitted pass: encoder readouts + MAE outputs."""
     cfg = golden_config(meta)
-    mae = nnx.eval_shape(lambda: MAE(cfg, rngs=nnx.Rngs(0)))          # every value comes from the golden
-    convert.load_mae_weights(mae, sd, mlp_bias=mlp_bias, source="golden")
+    mae = nnx.eval_shape(lambda: MAE(cfg, rngs=nnx.Rngs(0)))  # every value comes from the golden
+    load_mae_weights(mae, sd, mlp_bias=mlp_bias, source="golden")
     graphdef, state = nnx.split(mae)
     if cfg not in _COMPILED:
+
         @jax.jit
         def fwd(state, x, noise):
             m = nnx.merge(graphdef, state)
             return m.encoder(x), m(x, noise=noise)
+
         _COMPILED[cfg] = fwd
     enc, out = _COMPILED[cfg](state, jnp.asarray(arrays["x"]), jnp.asarray(arrays["noise"]))
     return cfg, mae, jax.tree.map(np.asarray, (enc, out))
@@ -80,7 +96,7 @@ def test_self_standardize_matches_reference(golden):
 
 def test_encoder_tokens_and_every_block_readout(golden):
     name, meta, sd, arrays, cfg, mae, (enc, out) = golden
-    tokens = arrays["block_tokens"]                                   # (nb, B, N, D)
+    tokens = arrays["block_tokens"]  # (nb, B, N, D)
     np.testing.assert_allclose(enc["tokens"], tokens[-1], atol=ATOL)
     # every block: CLS and mean of the patch tokens straight from the reference's per-block tokens
     np.testing.assert_allclose(enc["blocks"]["cls"], tokens[:, :, 0].transpose(1, 0, 2), atol=ATOL)
@@ -90,7 +106,7 @@ def test_encoder_tokens_and_every_block_readout(golden):
     # timm's own pooled embedding: global_pool='token' -> CLS after norm; 'avg' -> fc_norm(mean)
     readout = "mean_norm" if meta["channel_agnostic"] else "cls_norm"
     np.testing.assert_allclose(enc["blocks"][readout][:, -1], arrays["timm_embedding"], atol=ATOL)
-    assert np.abs(tokens[-1]).max() > 0.5                              # not a degenerate near-zero network
+    assert np.abs(tokens[-1]).max() > 0.5  # not a degenerate near-zero network
 
 
 def test_mae_latent_mask_reconstruction_losses(golden):
@@ -125,8 +141,8 @@ def test_mlp_bias_flag_is_real(golden):
 
 def test_encoder_round_trip_to_timm_keys(golden):
     name, meta, sd, arrays, cfg, mae, _ = golden
-    prefix = convert.OPENPHENOM_ENCODER
-    back = convert.encoder_to_timm(mae.encoder, mlp_bias=CASES[name], prefix=prefix)
+    prefix = OPENPHENOM_ENCODER
+    back = encoder_to_timm(mae.encoder, mlp_bias=CASES[name], prefix=prefix)
     theirs = {k: v for k, v in sd.items() if k.startswith(prefix)}
     assert sorted(back) == sorted(theirs)
     for k in theirs:
@@ -142,13 +158,13 @@ def test_bad_state_dicts_raise_weights_error():
     bad["encoder.vit_backbone.reg_token"] = np.zeros((1, 1, 4), np.float32)
     bad[k_shape] = sd[k_shape][:, :-1]
     with pytest.raises(WeightsError) as e:
-        convert.mae_params_from_openphenom(bad, cfg, source="ckpt.safetensors")
+        mae_params_from_openphenom(bad, cfg, source="ckpt.safetensors")
     msg = str(e.value)
     assert "\n" not in msg and "ckpt.safetensors" in msg
     assert k_missing in msg and "reg_token" in msg and k_shape in msg
     wrong_pos = dict(sd)
     wrong_pos["decoder.pos_embeddings"] = sd["decoder.pos_embeddings"] + 0.1
     with pytest.raises(WeightsError, match="sin-cos"):
-        convert.mae_params_from_openphenom(wrong_pos, cfg)
+        mae_params_from_openphenom(wrong_pos, cfg)
     with pytest.raises(WeightsError, match="mlp_bias"):
-        convert.mae_params_from_openphenom(sd, cfg, mlp_bias="both")
+        mae_params_from_openphenom(sd, cfg, mlp_bias="both")

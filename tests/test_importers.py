@@ -1,5 +1,6 @@
 """Importers of the RxRx1, RxRx3-core and JUMP cpg0016 layouts from tiny fixtures written here, the channel
 registry, and a test per bad-input case (one-line error naming the item, no store left behind)."""
+
 import zlib
 
 import imagecodecs
@@ -23,13 +24,29 @@ def _img(seed, dtype=np.uint8, hi=256):
 def write_rxrx1(root, sites=(1, 2), with_dataset=True):
     """metadata.csv + {dataset}/{experiment}/Plate{plate}/{well}_s{site}_w{c}.png; returns (csv, images)."""
     rows, imgs = [], {}
-    wells = [("HEPG2-01", "1", "B02", "treatment", "sirna-7"), ("HEPG2-01", "1", "C03", "negative_control", "EMPTY"),
-             ("U2OS-02", "2", "B02", "positive_control", "sirna-1108"), ("U2OS-02", "2", "AB10", "treatment", "sirna-7")]
+    wells = [
+        ("HEPG2-01", "1", "B02", "treatment", "sirna-7"),
+        ("HEPG2-01", "1", "C03", "negative_control", "EMPTY"),
+        ("U2OS-02", "2", "B02", "positive_control", "sirna-1108"),
+        ("U2OS-02", "2", "AB10", "treatment", "sirna-7"),
+    ]
     for k, (exp, plate, well, wt, sirna) in enumerate(wells):
         for s in sites:
-            rows.append(dict(site_id=f"{exp}_{plate}_{well}_{s}", well_id=f"{exp}_{plate}_{well}", cell_type=exp[:4],
-                             dataset="train", experiment=exp, plate=plate, well=well, site=s, well_type=wt,
-                             sirna=sirna, sirna_id=k))
+            rows.append(
+                dict(
+                    site_id=f"{exp}_{plate}_{well}_{s}",
+                    well_id=f"{exp}_{plate}_{well}",
+                    cell_type=exp[:4],
+                    dataset="train",
+                    experiment=exp,
+                    plate=plate,
+                    well=well,
+                    site=s,
+                    well_type=wt,
+                    sirna=sirna,
+                    sirna_id=k,
+                )
+            )
             d = root / ("train" if with_dataset else "") / exp / f"Plate{plate}"
             d.mkdir(parents=True, exist_ok=True)
             chans = [_img(100 * k + 10 * s + c) for c in range(1, 7)]
@@ -42,12 +59,27 @@ def write_rxrx1(root, sites=(1, 2), with_dataset=True):
 
 def write_rxrx3_core(root):
     rows, imgs = [], {}
-    wells = [("gene-001", "1", "AA02", "TP53", "", "", "CRISPR"), ("gene-001", "1", "A03", "EMPTY_control", "", "", "CRISPR"),
-             ("compound-003", "2", "B05", "", "cpd-123", "0.25", "COMPOUND"),
-             ("compound-003", "2", "B06", "", "cpd-123", "2.5", "COMPOUND")]
+    wells = [
+        ("gene-001", "1", "AA02", "TP53", "", "", "CRISPR"),
+        ("gene-001", "1", "A03", "EMPTY_control", "", "", "CRISPR"),
+        ("compound-003", "2", "B05", "", "cpd-123", "0.25", "COMPOUND"),
+        ("compound-003", "2", "B06", "", "cpd-123", "2.5", "COMPOUND"),
+    ]
     for k, (exp, plate, addr, gene, treat, conc, pt) in enumerate(wells):
-        rows.append(dict(well_id=f"{exp}_{plate}_{addr}", experiment_name=exp, plate=plate, address=addr, gene=gene,
-                         treatment=treat, SMILES="", concentration=conc, perturbation_type=pt, cell_type="HUVEC"))
+        rows.append(
+            dict(
+                well_id=f"{exp}_{plate}_{addr}",
+                experiment_name=exp,
+                plate=plate,
+                address=addr,
+                gene=gene,
+                treatment=treat,
+                SMILES="",
+                concentration=conc,
+                perturbation_type=pt,
+                cell_type="HUVEC",
+            )
+        )
         d = root / exp / f"Plate{plate}"
         d.mkdir(parents=True, exist_ok=True)
         chans = [_img(1000 + 10 * k + c) for c in range(1, 7)]
@@ -67,10 +99,17 @@ def write_jump(root, dtype=np.uint16):
         d.mkdir(parents=True, exist_ok=True)
         for well in ["A01", "P24"]:
             for site in (1, 2):
-                row = dict(Metadata_Source="source_4", Metadata_Batch=f"batch{p}", Metadata_Plate=plate,
-                           Metadata_Well=well, Metadata_Site=site)
+                row = dict(
+                    Metadata_Source="source_4",
+                    Metadata_Batch=f"batch{p}",
+                    Metadata_Plate=plate,
+                    Metadata_Well=well,
+                    Metadata_Site=site,
+                )
                 for c, ch in enumerate(["DNA", "ER", "RNA", "AGP", "Mito"]):
-                    im = _img(zlib.crc32(f"{plate}{well}{site}{c}".encode()), dtype, hi) + (p * 200 if dtype == np.uint16 else 0)
+                    im = _img(zlib.crc32(f"{plate}{well}{site}{c}".encode()), dtype, hi) + (
+                        p * 200 if dtype == np.uint16 else 0
+                    )
                     name = f"r01c01f{site:02d}p01-ch{c + 1}sk1fk1fl1_{well}.tiff"
                     tifffile.imwrite(d / name, im.astype(dtype))
                     raw[(plate, well, site, ch)] = im.astype(dtype)
@@ -117,10 +156,14 @@ def test_rxrx3_core_jpeg2000(tmp_path):
 
 def test_jump_16bit_per_plate_percentile_rule(tmp_path):
     csv, raw = write_jump(tmp_path / "jump")
-    table = pd.DataFrame({"Metadata_Plate": ["BR00117010"] * 2 + ["BR00117011"] * 2,
-                          "Metadata_Well": ["A01", "P24"] * 2,
-                          "perturbation": ["JCP2022_033924", "JCP2022_000001", "JCP2022_033924", "JCP2022_000002"],
-                          "concentration": [np.nan, 10000.0, np.nan, 5000.0]})
+    table = pd.DataFrame(
+        {
+            "Metadata_Plate": ["BR00117010"] * 2 + ["BR00117011"] * 2,
+            "Metadata_Well": ["A01", "P24"] * 2,
+            "perturbation": ["JCP2022_033924", "JCP2022_000001", "JCP2022_033924", "JCP2022_000002"],
+            "concentration": [np.nan, 10000.0, np.nan, 5000.0],
+        }
+    )
     st = ImageStore.open(import_jump(csv, tmp_path / "store", perturbations=table))
     assert st.channel_names == ["DNA", "ER", "Actin", "RNA", "Mito"]  # AGP -> Actin, canonical order
     m = st.metadata
@@ -153,7 +196,12 @@ def test_jump_8bit_unchanged_and_csv_perturbations(tmp_path):
 
 def test_channel_registry():
     assert canonical_order("jump", ["DNA", "ER", "RNA", "AGP", "Mito"]) == [
-        ("DNA", "DNA"), ("ER", "ER"), ("AGP", "Actin"), ("RNA", "RNA"), ("Mito", "Mito")]
+        ("DNA", "DNA"),
+        ("ER", "ER"),
+        ("AGP", "Actin"),
+        ("RNA", "RNA"),
+        ("Mito", "Mito"),
+    ]
     assert canonical_name("rxrx", "6") == "Golgi" and canonical_name("jump", "Hoechst") == "DNA"
     x = np.arange(2 * 5).reshape(2, 5)
     y = conform(x, ["DNA", "ER", "Actin", "RNA", "Mito"], CANONICAL, fill_missing=True)
@@ -173,16 +221,25 @@ def _rx(tmp_path):
     return write_rxrx1(tmp_path / "rx", sites=(1,))
 
 
-@pytest.mark.parametrize("case, match", [
-    ("missing_file", r"HEPG2-01/Plate1/C03_s1_w4.png: image file not found \(image HEPG2-01_1_C03_s1, channel RNA\)"),
-    ("corrupt", r"B02_s1_w2.png: cannot decode image \(image U2OS-02_2_B02_s1, channel ER\)"),
-    ("rgb", r"C03_s1_w1.png: image of shape \(24, 20, 3\) \(image HEPG2-01_1_C03_s1, channel DNA\), expected one "
-            r"channel per file"),
-    ("size", r"AB10_s1_w5.png: size \(12, 20\) differs from channel DNA \(24, 20\) \(image U2OS-02_2_AB10_s1\)"),
-    ("missing_column", r"metadata.csv: missing required column\(s\) plate"),
-    ("duplicate", r"duplicate image_id 'HEPG2-01_1_B02_s1' \(row 4\)"),
-    ("bad_well", r"well 'B0X': expected a plate address like B03"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        (
+            "missing_file",
+            r"HEPG2-01/Plate1/C03_s1_w4.png: image file not found \(image HEPG2-01_1_C03_s1, channel RNA\)",
+        ),
+        ("corrupt", r"B02_s1_w2.png: cannot decode image \(image U2OS-02_2_B02_s1, channel ER\)"),
+        (
+            "rgb",
+            r"C03_s1_w1.png: image of shape \(24, 20, 3\) \(image HEPG2-01_1_C03_s1, channel DNA\), expected one "
+            r"channel per file",
+        ),
+        ("size", r"AB10_s1_w5.png: size \(12, 20\) differs from channel DNA \(24, 20\) \(image U2OS-02_2_AB10_s1\)"),
+        ("missing_column", r"metadata.csv: missing required column\(s\) plate"),
+        ("duplicate", r"duplicate image_id 'HEPG2-01_1_B02_s1' \(row 4\)"),
+        ("bad_well", r"well 'B0X': expected a plate address like B03"),
+    ],
+)
 def test_rxrx_bad_input(tmp_path, case, match):
     csv, _ = _rx(tmp_path)
     base = tmp_path / "rx" / "train"
@@ -209,13 +266,19 @@ def test_rxrx_bad_input(tmp_path, case, match):
     assert _only(tmp_path, "rx")  # no store, no temporary folder
 
 
-@pytest.mark.parametrize("case, match", [
-    ("float_tiff", r"p01-ch2sk1fk1fl1_P24.tiff: dtype float32 \(image BR00117011_P24_s2, channel ER\), expected uint8 "
-                   r"or uint16"),
-    ("mixed_depth", r"p01-ch1sk1fk1fl1_A01.tiff: uint8 image in a uint16 import \(image BR00117011_A01_s1\)"),
-    ("missing_channel_column", r"load_data.csv: missing required column\(s\) FileName_OrigAGP"),
-    ("no_perturbation", r"perturbations: no perturbation for plate BR00117011 well P24"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        (
+            "float_tiff",
+            r"p01-ch2sk1fk1fl1_P24.tiff: dtype float32 \(image BR00117011_P24_s2, channel ER\), expected uint8 "
+            r"or uint16",
+        ),
+        ("mixed_depth", r"p01-ch1sk1fk1fl1_A01.tiff: uint8 image in a uint16 import \(image BR00117011_A01_s1\)"),
+        ("missing_channel_column", r"load_data.csv: missing required column\(s\) FileName_OrigAGP"),
+        ("no_perturbation", r"perturbations: no perturbation for plate BR00117011 well P24"),
+    ],
+)
 def test_jump_bad_input(tmp_path, case, match):
     csv, _ = write_jump(tmp_path / "jump")
     d = tmp_path / "jump" / "images" / "BR00117011"
@@ -227,8 +290,13 @@ def test_jump_bad_input(tmp_path, case, match):
     elif case == "missing_channel_column":
         pd.read_csv(csv).drop(columns="FileName_OrigAGP").to_csv(csv, index=False)
     elif case == "no_perturbation":
-        kw["perturbations"] = pd.DataFrame({"Metadata_Plate": ["BR00117010", "BR00117010", "BR00117011"],
-                                            "Metadata_Well": ["A01", "P24", "A01"], "perturbation": ["a", "b", "c"]})
+        kw["perturbations"] = pd.DataFrame(
+            {
+                "Metadata_Plate": ["BR00117010", "BR00117010", "BR00117011"],
+                "Metadata_Well": ["A01", "P24", "A01"],
+                "perturbation": ["a", "b", "c"],
+            }
+        )
     with pytest.raises(DataError, match=match) as err:
         import_jump(csv, tmp_path / "store", **kw)
     assert "\n" not in str(err.value)
@@ -249,11 +317,33 @@ def test_make_store_cli(tmp_path, repo_root, capsys):
 
     main = _make_store_main(repo_root)
     csv, imgs = write_rxrx1(tmp_path / "rx", sites=(1,))
-    assert run_cli(lambda: main(["rxrx", str(csv), str(tmp_path / "rx"), str(tmp_path / "s"),
-                                 "--montage", str(tmp_path / "m.png")]), debug=False) == 0
+    assert (
+        run_cli(
+            lambda: main(
+                ["rxrx", str(csv), str(tmp_path / "rx"), str(tmp_path / "s"), "--montage", str(tmp_path / "m.png")]
+            ),
+            debug=False,
+        )
+        == 0
+    )
     assert "4 images of 24x20x6" in capsys.readouterr().out and (tmp_path / "m.png").is_file()
-    assert run_cli(lambda: main(["synthetic", str(tmp_path / "syn"), "--set", "n_genes=8", "n_compounds=1",
-                                 "image_size=32", "cell_radius=4.0"]), debug=False) == 0
+    assert (
+        run_cli(
+            lambda: main(
+                [
+                    "synthetic",
+                    str(tmp_path / "syn"),
+                    "--set",
+                    "n_genes=8",
+                    "n_compounds=1",
+                    "image_size=32",
+                    "cell_radius=4.0",
+                ]
+            ),
+            debug=False,
+        )
+        == 0
+    )
     assert len(ImageStore.open(tmp_path / "syn")) > 20
     (tmp_path / "rx" / "train" / "U2OS-02" / "Plate2" / "B02_s1_w3.png").unlink()
     assert run_cli(lambda: main(["rxrx", str(csv), str(tmp_path / "rx"), str(tmp_path / "s2")]), debug=False) == 4

@@ -1,24 +1,27 @@
 """Weight import/export: round trips (bit-exact), parity with PyTorch goldens, OpenPhenom layout, error messages.
 
-Goldens: tests/goldens/interop_*.npz, written by tools/make_goldens_interop.py (timm 1.0.31 DINOv2
-architectures; the OpenPhenom restatement of tools/make_goldens.py on timm 0.9.7). Weights in them are float16
+Goldens: tests/goldens/interop_*.npz, written by tools/goldens/make_goldens_interop.py (timm 1.0.31 DINOv2
+architectures; the OpenPhenom restatement of tools/goldens/make_goldens.py on timm 0.9.7). Weights in them are float16
 values (exact in float32); fixed sin-cos tables are float32.
 """
+
 from __future__ import annotations
 
 import json
 import pathlib
 import sys
+import types
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tool_main
 from flax import nnx
 from safetensors.numpy import save_file
 
 from vitally_jax.errors import WeightsError
 from vitally_jax.interop import dinov2 as dino
-from vitally_jax.interop import export, openphenom, readers, timm_vit
+from vitally_jax.interop import openphenom, readers, timm_vit
 from vitally_jax.models.dinov2 import embed_channels_as_rgb, resample_grid
 from vitally_jax.models.layers import sincos_2d
 from vitally_jax.models.preprocess import self_standardize
@@ -90,11 +93,12 @@ def _run(model, x, noise=None, method="call"):
 # A. state dict -> ours -> state dict, bit-exact
 # ------------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", ["mu/8", "CA-mu/8"])
 def test_timm_vit_round_trip_both_bias_semantics(tmp_path, variant):
     sd = _perturbed_timm_vit(variant, seed=3)
     path = _save(tmp_path / "vit.safetensors", sd)
-    legacy = timm_vit.load_timm_vit(path)                     # default: legacy (timm <= 1.0.24)
+    legacy = timm_vit.load_timm_vit(path)  # default: legacy (timm <= 1.0.24)
     new = timm_vit.load_timm_vit(path, mlp_bias="new")
     _assert_same(timm_vit.timm_vit_state_dict(legacy), sd)
     _assert_same(timm_vit.timm_vit_state_dict(new, mlp_bias="new"), sd)
@@ -104,8 +108,8 @@ def test_timm_vit_round_trip_both_bias_semantics(tmp_path, variant):
     d = legacy.cfg.width
     fc1_legacy = np.asarray(legacy.blocks.fc1_bias[...])[0]
     q_legacy = np.asarray(legacy.blocks.q_bias[...])[0]
-    np.testing.assert_array_equal(fc1_legacy[:3 * d], 0.0)
-    np.testing.assert_array_equal(q_legacy, sd["blocks.0.mlp_bias"][d:2 * d])
+    np.testing.assert_array_equal(fc1_legacy[: 3 * d], 0.0)
+    np.testing.assert_array_equal(q_legacy, sd["blocks.0.mlp_bias"][d : 2 * d])
     np.testing.assert_array_equal(np.asarray(new.blocks.fc1_bias[...])[0], sd["blocks.0.mlp_bias"])
     np.testing.assert_array_equal(np.asarray(new.blocks.q_bias[...])[0], 0.0)
     # a new-semantics model has an fc1 bias that legacy timm cannot hold
@@ -117,15 +121,23 @@ def test_openphenom_round_trip_exact_layout(tmp_path, op_golden):
     sd = _state(op_golden)
     # cls, pos, patch conv, 13 per block, fc_norm (the real CA-S/16: 2 + 2 + 12 * 13 + 2 = 162 keys)
     assert sum(k.startswith("encoder.vit_backbone.") for k in sd) == 2 + 2 + 2 * 13 + 2
-    assert {"decoder.placeholder", "decoder.pos_embeddings", "encoder_decoder_proj.weight", "decoder_pred.bias",
-            "decoder.modality_tokens.5", "decoder.decoders.5.0.mlp.fc2.weight", "encoder.vit_backbone.fc_norm.weight",
-            "decoder.cross_attention.kv.weight", "decoder.context_norm.bias"} <= set(sd)
+    assert {
+        "decoder.placeholder",
+        "decoder.pos_embeddings",
+        "encoder_decoder_proj.weight",
+        "decoder_pred.bias",
+        "decoder.modality_tokens.5",
+        "decoder.decoders.5.0.mlp.fc2.weight",
+        "encoder.vit_backbone.fc_norm.weight",
+        "decoder.cross_attention.kv.weight",
+        "decoder.context_norm.bias",
+    } <= set(sd)
     mae = openphenom.load_openphenom(_save(tmp_path / "op.safetensors", sd), decoder_heads=2)
     assert (mae.cfg.decoder_channels, mae.cfg.cross_attn_heads, mae.cfg.decoder_eps) == (6, 8, 1e-5)
     assert mae.cfg.encoder.max_in_chans == 11
     _assert_same(openphenom.openphenom_state_dict(mae, fixed=openphenom.fixed_tables(sd)), sd)
     _assert_same(openphenom.openphenom_state_dict(mae), sd)  # recomputed tables equal torch's here
-    out = export.export_openphenom(tmp_path / "again.safetensors", mae)
+    out = openphenom.export_openphenom(tmp_path / "again.safetensors", mae)
     _assert_same(readers.read_state_dict(out), sd)
 
 
@@ -139,12 +151,14 @@ def test_dinov2_round_trip_timm_and_meta(tmp_path, name):
         with pytest.raises(WeightsError, match="layout='timm'"):
             dino.dinov2_state_dict(model, layout="meta")
         return
-    meta = {k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3.") if name == "swiglu" else k: v
-            for k, v in sd.items()}
+    meta = {
+        k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3.") if name == "swiglu" else k: v
+        for k, v in sd.items()
+    }
     meta["mask_token"] = np.random.default_rng(1).normal(size=(1, sd["cls_token"].shape[-1])).astype(np.float32)
-    m2 = dino.load_dinov2(meta, num_heads=2)                  # layout detected from mask_token / w12
+    m2 = dino.load_dinov2(meta, num_heads=2)  # layout detected from mask_token / w12
     _assert_same(dino.dinov2_state_dict(m2, layout="meta"), meta)
-    _assert_same(dino.dinov2_state_dict(m2), sd)              # timm layout drops the mask token
+    _assert_same(dino.dinov2_state_dict(m2), sd)  # timm layout drops the mask token
 
 
 def test_prenorm_vit_without_layerscale_loads_as_dinov2_kind(tmp_path):
@@ -159,20 +173,22 @@ def test_prenorm_vit_without_layerscale_loads_as_dinov2_kind(tmp_path):
 # B. parity with PyTorch (timm DINOv2 architectures), atol 1e-5
 # ------------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,inputs", [("mlp", ("native", "up", "down")), ("swiglu", ("native",)),
-                                         ("reg4", ("native", "up"))])
+
+@pytest.mark.parametrize(
+    "name,inputs", [("mlp", ("native", "up", "down")), ("swiglu", ("native",)), ("reg4", ("native", "up"))]
+)
 def test_dinov2_matches_timm(name, inputs, dinov2_inputs):
     g = _golden(f"dinov2_{name}")
     model = dino.load_dinov2(_state(g), num_heads=int(g["meta/num_heads"]))
     regs = model.cfg.reg_tokens
     for key in inputs:  # 3x3 training grid; 'up' / 'down': position table resampled to 4x5 / 2x3
-        ref_tokens = g[f"out/{key}/tokens"]                   # (nb, B, T, D) timm block outputs
+        ref_tokens = g[f"out/{key}/tokens"]  # (nb, B, T, D) timm block outputs
         out = _run(model, jnp.asarray(dinov2_inputs[key]))
         np.testing.assert_allclose(np.asarray(out["tokens"]), ref_tokens[-1], atol=ATOL)
         blocks = {k: np.asarray(v) for k, v in out["blocks"].items()}
         np.testing.assert_allclose(blocks["cls"], ref_tokens[:, :, 0].transpose(1, 0, 2), atol=ATOL)
-        np.testing.assert_allclose(blocks["mean"], ref_tokens[:, :, 1 + regs:].mean(2).transpose(1, 0, 2), atol=ATOL)
-        feats = np.asarray(model.norm(out["tokens"]))         # = timm forward_features
+        np.testing.assert_allclose(blocks["mean"], ref_tokens[:, :, 1 + regs :].mean(2).transpose(1, 0, 2), atol=ATOL)
+        feats = np.asarray(model.norm(out["tokens"]))  # = timm forward_features
         np.testing.assert_allclose(feats, g[f"out/{key}/features"], atol=ATOL)
         np.testing.assert_allclose(blocks["cls_norm"][:, -1], g[f"out/{key}/features"][:, 0], atol=ATOL)
 
@@ -200,16 +216,18 @@ def test_channels_as_rgb_strategy(dinov2_inputs):
     d = model.cfg.width
     assert feats["cls_norm"].shape == (2, 2, 5 * d)
     one = _run(model, jnp.repeat(x[..., 3:4], 3, axis=-1))["blocks"]["cls_norm"]
-    np.testing.assert_allclose(np.asarray(feats["cls_norm"][..., 3 * d:4 * d]), np.asarray(one), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(feats["cls_norm"][..., 3 * d : 4 * d]), np.asarray(one), atol=1e-5)
     perm = [4, 2, 0, 1, 3]
     swapped = rgb(model, x[..., perm])["mean"].reshape(2, 2, 5, d)
-    np.testing.assert_allclose(np.asarray(swapped), np.asarray(feats["mean"]).reshape(2, 2, 5, d)[:, :, perm],
-                               atol=1e-5)  # the channels sit in other rows of the batch: a few ulps of |x| ~ 2
+    np.testing.assert_allclose(
+        np.asarray(swapped), np.asarray(feats["mean"]).reshape(2, 2, 5, d)[:, :, perm], atol=1e-5
+    )  # the channels sit in other rows of the batch: a few ulps of |x| ~ 2
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # C. OpenPhenom-shaped checkpoint: embeddings (6 and 3 channels), CLS, masked latent, reconstruction, losses
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def test_openphenom_outputs_match_reference(op_golden, op_mae):
     g = op_golden
@@ -226,29 +244,30 @@ def test_openphenom_outputs_match_reference(op_golden, op_mae):
     np.testing.assert_allclose(float(res["loss_rec"]), g["masked/loss_rec"], atol=5e-6)
     np.testing.assert_allclose(float(res["loss_fourier"]), g["masked/loss_fourier_reference"], atol=5e-6)
     np.testing.assert_allclose(float(res["loss"]), g["masked/loss_reference"], atol=5e-6)
-    from vitally_jax.models.vit import random_masking
+    from vitally_jax.models.layers import random_masking
 
     np.testing.assert_array_equal(np.asarray(random_masking(jnp.asarray(g["noise"]), 0.75)[2]), g["masked/ids_restore"])
 
 
 def test_openphenom_encoder_only_and_cli_to_orbax(tmp_path, op_golden, capsys):
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tools"))
-    import convert_weights
+    convert_weights = types.SimpleNamespace(main=tool_main("convert_weights"))
 
     from vitally_jax.checkpoint import load_encoder
 
     src = _save(tmp_path / "openphenom.safetensors", _state(op_golden))
-    rc = convert_weights.main([str(src), "--layout", "openphenom", "--to", "orbax", str(tmp_path / "enc"),
-                               "--num-blocks", "1"])
+    rc = convert_weights.main(
+        [str(src), "--layout", "openphenom", "--to", "orbax", str(tmp_path / "enc"), "--num-blocks", "1"]
+    )
     assert rc == 0, capsys.readouterr().err
-    encoder, cfg = load_encoder(tmp_path / "enc")
+    encoder, cfg, _ = load_encoder(tmp_path / "enc")
     assert (cfg.depth, cfg.channel_agnostic, cfg.global_pool) == (1, True, "avg")
     x = self_standardize(jnp.asarray(op_golden["pixels"]))
     mean = np.asarray(_run(encoder, x)["blocks"]["mean"])
     np.testing.assert_allclose(mean[:, 0], op_golden["embed/six/mean"][:, 0], atol=ATOL)
     # back to timm safetensors for PyTorch users: the metadata says how to build the timm model
-    rc = convert_weights.main([str(tmp_path / "enc"), "--layout", "export", "--to", "safetensors",
-                               str(tmp_path / "enc.safetensors")])
+    rc = convert_weights.main(
+        [str(tmp_path / "enc"), "--layout", "export", "--to", "safetensors", str(tmp_path / "enc.safetensors")]
+    )
     assert rc == 0
     meta = json.loads(readers.read_safetensors_metadata(tmp_path / "enc.safetensors")["vitally_jax"])
     assert meta["timm_kwargs"]["block_fn"] == "ParallelScalingBlock" and meta["timm_kwargs"]["depth"] == 1
@@ -261,6 +280,7 @@ def test_openphenom_encoder_only_and_cli_to_orbax(tmp_path, op_golden, capsys):
 # ------------------------------------------------------------------------------------------------------------------
 # D. error messages: one line, naming the keys
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def _one_line_error(fn, *args, **kwargs) -> str:
     with pytest.raises(WeightsError) as e:
@@ -315,7 +335,7 @@ def test_readers(tmp_path, monkeypatch):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     assert "not a readable safetensors file" in _one_line_error(readers.read_state_dict, tmp_path / "junk.safetensors")
     (tmp_path / "model.pth").write_bytes(b"not a pickle")
-    monkeypatch.setitem(sys.modules, "torch", None)            # as on a machine without torch
+    monkeypatch.setitem(sys.modules, "torch", None)  # as on a machine without torch
     msg = _one_line_error(readers.read_state_dict, tmp_path / "model.pth")
     assert "install torch" in msg and ".safetensors" in msg
     # bfloat16 tensors (common in released checkpoints) are widened to float32; DDP 'module.' prefixes removed
@@ -328,13 +348,20 @@ def test_readers(tmp_path, monkeypatch):
     assert sorted(sd) == ["a", "b"] and sd["a"].dtype == np.float32
     np.testing.assert_array_equal(sd["a"], np.asarray(jax.device_get(w), np.float32))
     # CLI: one line on stderr and the weights exit code
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tools"))
-    import convert_weights
+    convert_weights = types.SimpleNamespace(main=tool_main("convert_weights"))
 
     bad = _perturbed_timm_vit("mu/8", seed=2)
     del bad["norm.weight"]
-    rc = convert_weights.main([str(_save(tmp_path / "v.safetensors", bad)), "--layout", "timm-vit", "--to",
-                               "safetensors", str(tmp_path / "o.safetensors")])
+    rc = convert_weights.main(
+        [
+            str(_save(tmp_path / "v.safetensors", bad)),
+            "--layout",
+            "timm-vit",
+            "--to",
+            "safetensors",
+            str(tmp_path / "o.safetensors"),
+        ]
+    )
     assert rc == 6 and not (tmp_path / "o.safetensors").exists()
 
 
@@ -352,8 +379,11 @@ def test_dinov2_paper_sizes_without_allocation():
         block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * fc1 + fc1) + (hidden * d + d) + 2 * d
         return p * p * 3 * d + d + d + (1 + grid * grid) * d + depth * block + 2 * d
 
-    for variant, args in {"S/14": (384, 12, 1536, 1536), "L/14": (1024, 24, 4096, 4096),
-                          "g/14": (1536, 40, 8192, 4096)}.items():
+    for variant, args in {
+        "S/14": (384, 12, 1536, 1536),
+        "L/14": (1024, 24, 4096, 4096),
+        "g/14": (1536, 40, 8192, 4096),
+    }.items():
         cfg = dinov2_config(variant)
         shapes = param_shapes(lambda: Dinov2(cfg, rngs=nnx.Rngs(0)))
         assert sum(int(np.prod(s)) for s in shapes.values()) == expected(*args), variant

@@ -1,5 +1,6 @@
 """ViT/MAE behaviour: per-block readouts vs truncation, parameter counts, channel-agnostic properties,
 self-standardisation, masking, options (remat, dtype, stochastic depth, Fourier modes), config errors."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +9,10 @@ from flax import nnx
 
 from vitally_jax.errors import ConfigError, DataError
 from vitally_jax.models import layers
+from vitally_jax.models.layers import random_masking
 from vitally_jax.models.mae import MAE, fourier_image, mae_config
 from vitally_jax.models.preprocess import self_standardize
-from vitally_jax.models.vit import ViTEncoder, count_params, random_masking, vit_config
+from vitally_jax.models.vit import ViTEncoder, count_params, vit_config
 
 
 def perturbed(ctor, seed=0):
@@ -29,6 +31,7 @@ def perturbed(ctor, seed=0):
         if name.endswith(("kernel/value", "in_proj/value")):
             return jnp.asarray(z / np.sqrt(leaf.shape[-2]))
         return jnp.asarray(0.2 * z)
+
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
@@ -66,11 +69,14 @@ def test_per_block_outputs_equal_truncated_models():
 # ---------------------------------------------------------------------------------------------------------------
 # D: parameter counts without allocation
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant, overrides, expected", [
-    ("S/16", {"in_chans": 6}, 21.9e6),
-    ("L/8", {"in_chans": 6}, 302.6e6),
-    ("G/8", {"in_chans": 6}, 1.84e9),
-])
+@pytest.mark.parametrize(
+    "variant, overrides, expected",
+    [
+        ("S/16", {"in_chans": 6}, 21.9e6),
+        ("L/8", {"in_chans": 6}, 302.6e6),
+        ("G/8", {"in_chans": 6}, 1.84e9),
+    ],
+)
 def test_encoder_parameter_counts(variant, overrides, expected):
     abstract = nnx.eval_shape(lambda: ViTEncoder(vit_config(variant, **overrides), rngs=nnx.Rngs(0)))
     n = count_params(abstract)
@@ -85,8 +91,8 @@ def test_openphenom_shaped_counts_match_the_reference_exactly():
     enc = cfg.encoder
     abstract = nnx.eval_shape(lambda: MAE(cfg, rngs=nnx.Rngs(0)))
     explicit_qkv = enc.depth * 3 * enc.width
-    enc_pos = (1 + enc.max_in_chans * enc.grid ** 2) * enc.width
-    dec_pos = (1 + cfg.decoder_channels * enc.grid ** 2) * cfg.decoder_width
+    enc_pos = (1 + enc.max_in_chans * enc.grid**2) * enc.width
+    dec_pos = (1 + cfg.decoder_channels * enc.grid**2) * cfg.decoder_width
     placeholder = cfg.decoder_width
     assert count_params(abstract.encoder) - explicit_qkv + enc_pos == 22_459_776
     assert count_params(abstract) - explicit_qkv + enc_pos + dec_pos + placeholder == 178_045_568
@@ -106,14 +112,20 @@ def test_channel_agnostic_subsets_and_permutations():
     @jax.jit
     def run(state, x4):
         m = nnx.merge(graphdef, state)
-        return (m.embed_patches(x4), m.embed_patches(x4[..., :3]), m.embed_patches(x4[..., perm]),
-                m(x4)["tokens"], m(x4[..., perm])["tokens"], m(x4[..., :3])["tokens"])
+        return (
+            m.embed_patches(x4),
+            m.embed_patches(x4[..., :3]),
+            m.embed_patches(x4[..., perm]),
+            m(x4)["tokens"],
+            m(x4[..., perm])["tokens"],
+            m(x4[..., :3])["tokens"],
+        )
 
     e4, e3, ep, t4, tp, t3 = map(np.asarray, run(state, x4))
     assert e4.shape == (2, 4 * n, 64) and e3.shape == (2, 3 * n, 64) and t3.shape == (2, 1 + 3 * n, 64)
     # a 3-channel input uses the first three channel blocks (same tokens, same positions)
     # (values reach ~33, where a float32 ulp is 3.8e-6: tolerances scale with the largest value)
-    np.testing.assert_allclose(e3, e4[:, :3 * n], atol=2e-6 * np.abs(e4).max())
+    np.testing.assert_allclose(e3, e4[:, : 3 * n], atol=2e-6 * np.abs(e4).max())
     # permuting channels permutes the token blocks, before and after the transformer
     blocks = e4.reshape(2, 4, n, -1)
     np.testing.assert_allclose(ep.reshape(2, 4, n, -1), blocks[:, perm], atol=2e-6 * np.abs(e4).max())
@@ -127,7 +139,7 @@ def test_channel_agnostic_subsets_and_permutations():
 def test_position_table_is_row_first_with_zero_cls():
     t = layers.sincos_2d(3, 5, 8)
     assert t.shape == (16, 8) and not t[0].any()
-    row, col = 2, 4                       # token index 1 + 2*5 + 4
+    row, col = 2, 4  # token index 1 + 2*5 + 4
     w = 1.0 / 10000 ** (np.arange(2) / 2)
     expect = np.concatenate([np.sin(row * w), np.cos(row * w), np.sin(col * w), np.cos(col * w)])
     np.testing.assert_allclose(t[1 + row * 5 + col], expect, atol=1e-6)
@@ -140,7 +152,7 @@ def test_position_table_is_row_first_with_zero_cls():
 def test_self_standardize_matches_numpy_two_pass():
     rng = np.random.default_rng(0)
     pix = rng.integers(0, 256, size=(3, 16, 12, 5), dtype=np.uint8)
-    pix[1, ..., 2] = 7                                                  # a constant channel
+    pix[1, ..., 2] = 7  # a constant channel
     x = pix.astype(np.float64) / 255.0
     mean = x.mean(axis=(1, 2), keepdims=True)
     var = ((x - mean) ** 2).mean(axis=(1, 2), keepdims=True)
@@ -184,12 +196,13 @@ def test_remat_and_drop_path_and_bfloat16():
         def f(params, key):
             out = nnx.merge(graphdef, params)(x, drop_key=key)
             return jnp.mean(out["tokens"] ** 2) + jnp.mean(out["blocks"]["cls_norm"])
+
         step = jax.jit(jax.value_and_grad(f))
         results[remat] = step(state, jax.random.key(1))
         if remat == "none":
             again, other = step(state, jax.random.key(1))[0], step(state, jax.random.key(2))[0]
     l1, g1 = results["none"]
-    assert float(again) == float(l1)                                      # stochastic depth is key-driven
+    assert float(again) == float(l1)  # stochastic depth is key-driven
     assert abs(float(other) - float(l1)) > 1e-4
     for remat in ("full", "dots_saveable"):
         lr, gr = results[remat]
@@ -276,6 +289,7 @@ def test_head_group_attention_equals_jax_attention(heads):
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
     g_ref = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(*a, implementation="xla")), (0, 1, 2))(q, k, v)
     g_got = jax.grad(loss(layers.head_group_attention), (0, 1, 2))(q, k, v)
     for a, b in zip(g_got, g_ref):

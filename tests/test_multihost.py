@@ -1,5 +1,6 @@
 """Acceptance E: 2 local CPU processes (4 fake devices each) train together over loopback; the checkpoint they
 write restores in 1 process."""
+
 import json
 import os
 import pathlib
@@ -7,12 +8,11 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from vitally_jax import checkpoint as ckpt
-from vitally_jax import sharding, train
+from vitally_jax import config_lib, sharding, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -33,10 +33,25 @@ def two_process_run(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("VITALLY_JAX_TEST_CACHE", str(pathlib.Path.home() / ".cache" / "vitally_jax" / "jax_cc"))
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "mh_worker.py"), str(i), "2", str(port),
-                               str(tmp / "work"), str(store), str(tmp / f"out{i}.json")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "mh_worker.py"),
+                str(i),
+                "2",
+                str(port),
+                str(tmp / "work"),
+                str(store),
+                str(tmp / f"out{i}.json"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     logs = []
     try:
         for p in procs:
@@ -64,20 +79,20 @@ def test_two_processes_agree(two_process_run):
 
 
 def test_checkpoint_of_two_processes_restores_in_one(two_process_run):
-    import importlib.util
-
     tmp, _ = two_process_run
-    spec = importlib.util.spec_from_file_location("cfg_tiny", ROOT / "configs" / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("")
+    c = config_lib.load("tiny")
     c.total_steps = 20
     mesh = sharding.make_mesh((1, 8, 1))  # one process, 8 devices, a different mesh shape too
     _, abs_state, state_sh, _, _ = train.build_abstract(c, train.model_config(c), mesh)
     mngr = ckpt.make_manager(tmp / "work" / "checkpoints", keep=3)
     assert mngr.latest_step() == 6
-    model, _, meta = ckpt.restore(mngr, 6, ckpt.abstract_like(abs_state[0], state_sh[0]),
-                                  ckpt.abstract_like(abs_state[1], state_sh[1]), data_iterator=None)
+    model, _, meta = ckpt.restore(
+        mngr,
+        6,
+        ckpt.abstract_like(abs_state[0], state_sh[0]),
+        ckpt.abstract_like(abs_state[1], state_sh[1]),
+        data_iterator=None,
+    )
     mngr.close()
     assert meta["process_count"] == 2 and meta["step"] == 6 and not meta["data_restored"]
     want = dict(np.load(tmp / "out0.npz"))

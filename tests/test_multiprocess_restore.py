@@ -9,6 +9,7 @@ processes, with those of uninterrupted input pipelines of both layouts.
 
 Usage as a worker: python tests/test_multiprocess_restore.py PROCESS_ID NUM_PROCESSES PORT ARGS_JSON
 """
+
 import os
 import sys
 
@@ -17,7 +18,6 @@ if __name__ == "__main__":  # one of the 2 worker processes: 4 fake devices, set
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 
 import hashlib  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
@@ -31,18 +31,17 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TOTAL = 40  # the tiny config's length: the compiled step is shared with the other training tests
-FIRST = 3   # steps of the first run (1 process)
-MORE = 2    # steps of each resumed run
+FIRST = 3  # steps of the first run (1 process)
+MORE = 2  # steps of each resumed run
 ENDS = {1: FIRST + 2 * MORE, 2: FIRST + MORE}  # where the run of this many processes stops
 STARTS = {1: FIRST + MORE, 2: FIRST}  # where the resumed run of this many processes starts
 DRAW = FIRST + 2 * MORE + 2  # global batches of the uninterrupted reference pipelines
 
 
 def tiny_config(store, stop_after: int):
-    spec = importlib.util.spec_from_file_location("cfg_tiny_mpr", ROOT / "configs" / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("")
+    from vitally_jax import config_lib
+
+    c = config_lib.load("tiny")
     c.input.store = str(store)
     c.input.synthetic = None
     c.total_steps = TOTAL
@@ -65,17 +64,29 @@ def global_batch_rows(c, n: int, workdir=None, step=None):
     from vitally_jax.data import pipeline
 
     mesh = sharding.make_mesh(tuple(c.mesh.shape))
-    ds = pipeline.train_dataset(c.input.store, crop=c.input.crop, global_batch=c.input.global_batch, seed=c.seed,
-                                index=c.input.index, flips=c.input.flips, rot90=c.input.rot90,
-                                in_memory=bool(c.input.in_memory))
+    ds = pipeline.train_dataset(
+        c.input.store,
+        crop=c.input.crop,
+        global_batch=c.input.global_batch,
+        seed=c.seed,
+        index=c.input.index,
+        flips=c.input.flips,
+        rot90=c.input.rot90,
+        in_memory=bool(c.input.in_memory),
+    )
     it = iter(pipeline.global_batches(ds, mesh))
     info = {}
     if workdir is not None:
         _, abs_state, state_sh, _, _ = train.build_abstract(c, train.model_config(c), mesh)
         mngr = ckpt.make_manager(pathlib.Path(workdir) / "checkpoints", keep=c.checkpoint.keep)
         with jax.set_mesh(mesh):
-            _, _, meta = ckpt.restore(mngr, step, ckpt.abstract_like(abs_state[0], state_sh[0]),
-                                      ckpt.abstract_like(abs_state[1], state_sh[1]), data_iterator=it)
+            _, _, meta = ckpt.restore(
+                mngr,
+                step,
+                ckpt.abstract_like(abs_state[0], state_sh[0]),
+                ckpt.abstract_like(abs_state[1], state_sh[1]),
+                data_iterator=it,
+            )
         mngr.close()
         info = {k: meta[k] for k in ("process_count", "data_restored", "data_remapped_from")}
     rows = []
@@ -104,8 +115,15 @@ def resume_and_read(store, workdir) -> dict:
     ref, _ = global_batch_rows(c, DRAW)
     from_start, info_start = global_batch_rows(c, MORE + 1, workdir, STARTS[n])
     from_end, info_end = global_batch_rows(c, 2, workdir, ENDS[n])
-    return dict(step=resumed["step"], processes=n, ref=ref, from_start=from_start, info_start=info_start,
-                from_end=from_end, info_end=info_end)
+    return dict(
+        step=resumed["step"],
+        processes=n,
+        ref=ref,
+        from_start=from_start,
+        info_start=info_start,
+        from_end=from_end,
+        info_end=info_end,
+    )
 
 
 def worker(pid: str, n: str, port: str, args_json: str) -> None:
@@ -151,9 +169,17 @@ def run_two_processes(args: dict) -> None:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["VITALLY_JAX_TEST_CACHE"] = str(jax.config.jax_compilation_cache_dir)
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, str(i), "2", str(port), json.dumps(args)], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(i), "2", str(port), json.dumps(args)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     logs = []
     try:
         for p in procs:
@@ -186,8 +212,9 @@ def test_saved_state_is_the_number_of_records_each_process_consumed(runs):
     b = runs["config"].input.global_batch
     assert (runs["two"]["processes"], runs["two"]["step"], runs["one"]["step"]) == (2, ENDS[2], ENDS[1])
     for step, n in ((FIRST, 1), (ENDS[2], 2), (ENDS[1], 1)):
-        assert saved_positions(runs["workdir"], step) == {f"process_{i}-of-{n}.json": {"next_index": step * b // n}
-                                                          for i in range(n)}, step
+        assert saved_positions(runs["workdir"], step) == {
+            f"process_{i}-of-{n}.json": {"next_index": step * b // n} for i in range(n)
+        }, step
 
 
 def test_both_layouts_feed_the_same_records_each_step(runs):
@@ -208,13 +235,13 @@ def test_resume_with_another_process_count_continues_the_global_batches(runs, n_
     ref, start, end = side["ref"], STARTS[m_to], ENDS[m_to]
     # the checkpoint of N processes, restored by M: the uninterrupted M-process batches from its step on
     assert side["info_start"] == {"process_count": n_from, "data_restored": True, "data_remapped_from": n_from}
-    assert side["from_start"] == ref[start:start + MORE + 1]
-    assert [sorted(r) for r in side["from_start"]] == [sorted(r) for r in other["ref"][start:start + MORE + 1]]
-    assert side["from_start"] != ref[:MORE + 1]  # what a fresh iterator (the data stream restarted) would give
+    assert side["from_start"] == ref[start : start + MORE + 1]
+    assert [sorted(r) for r in side["from_start"]] == [sorted(r) for r in other["ref"][start : start + MORE + 1]]
+    assert side["from_start"] != ref[: MORE + 1]  # what a fresh iterator (the data stream restarted) would give
     # the trainer resumed there (its checkpoint at `end` holds end * B records consumed, see the test above),
     # and the checkpoint it wrote continues the uninterrupted batches in turn
     assert side["info_end"] == {"process_count": m_to, "data_restored": True, "data_remapped_from": None}
-    assert side["from_end"] == ref[end:end + 2]
+    assert side["from_end"] == ref[end : end + 2]
 
 
 def test_position_that_cannot_be_carried_over_is_refused_with_one_line(runs, tmp_path, capsys):
@@ -223,8 +250,11 @@ def test_position_that_cannot_be_carried_over_is_refused_with_one_line(runs, tmp
     not tried instead."""
     wd = tmp_path / "w"
     last = ENDS[2]
-    shutil.copytree(runs["workdir"] / "checkpoints", wd / "checkpoints",
-                    ignore=lambda d, names: [str(ENDS[1])] if pathlib.Path(d).name == "checkpoints" else [])
+    shutil.copytree(
+        runs["workdir"] / "checkpoints",
+        wd / "checkpoints",
+        ignore=lambda d, names: [str(ENDS[1])] if pathlib.Path(d).name == "checkpoints" else [],
+    )
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == [str(FIRST), str(last)]
     f = wd / "checkpoints" / str(last) / "data" / "process_1-of-2.json"
     f.write_text(json.dumps({"next_index": json.loads(f.read_text())["next_index"] - 1}))
@@ -233,8 +263,10 @@ def test_position_that_cannot_be_carried_over_is_refused_with_one_line(runs, tmp
     err = capsys.readouterr().err.strip()
     assert rc == CheckpointError.exit_code == 5
     assert len(err.splitlines()) == 1
-    assert err.startswith(f"error: {wd / 'checkpoints'}/{last}: the data iterator state of 2 processes cannot be "
-                          "carried over to 1 process (the processes stopped at different positions")
+    assert err.startswith(
+        f"error: {wd / 'checkpoints'}/{last}: the data iterator state of 2 processes cannot be "
+        "carried over to 1 process (the processes stopped at different positions"
+    )
     assert "resume with 2 processes, or move" in err and f"{wd / 'checkpoints'}/{last}/data aside" in err
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == [str(FIRST), str(last)]  # nothing moved
     # how to continue, as the message says: without its data item the checkpoint resumes, data from its seed
@@ -248,15 +280,20 @@ def test_remap_refuses_states_it_cannot_map_exactly(runs):
     from vitally_jax.data import pipeline
 
     c = runs["config"]
-    fresh = iter(pipeline.train_dataset(c.input.store, crop=c.input.crop, global_batch=c.input.global_batch,
-                                        seed=c.seed)).get_state()
+    fresh = iter(
+        pipeline.train_dataset(c.input.store, crop=c.input.crop, global_batch=c.input.global_batch, seed=c.seed)
+    ).get_state()
     assert ckpt.remap_data_state([{"next_index": 24}] * 2, 3, fresh, source="ck") == {"next_index": 16}
     for states, m, current, reason in [
-            ([{"next_index": 3}], 2, fresh, "3 records consumed in all, not divisible by 2"),
-            ([{"next_index": 4}, {"next_index": 4, "workers": []}], 1, fresh, "a saved state is not a plain"),
-            ([{"next_index": 4}] * 2, 1, {"parent": fresh}, "this input pipeline's iterator state is not")]:
+        ([{"next_index": 3}], 2, fresh, "3 records consumed in all, not divisible by 2"),
+        ([{"next_index": 4}, {"next_index": 4, "workers": []}], 1, fresh, "a saved state is not a plain"),
+        ([{"next_index": 4}] * 2, 1, {"parent": fresh}, "this input pipeline's iterator state is not"),
+    ]:
         with pytest.raises(ckpt.DataLayoutError) as e:
             ckpt.remap_data_state(states, m, current, source="ck")
-        assert str(e.value).startswith(f"ck: the data iterator state of {len(states)} process") and reason in \
-            str(e.value) and f"resume with {len(states)} process" in str(e.value)
+        assert (
+            str(e.value).startswith(f"ck: the data iterator state of {len(states)} process")
+            and reason in str(e.value)
+            and f"resume with {len(states)} process" in str(e.value)
+        )
         assert isinstance(e.value, CheckpointError) and e.value.exit_code == 5

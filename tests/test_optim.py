@@ -1,4 +1,5 @@
 """Acceptance B: optax Lion + our one-cycle schedule == direct numpy Lion and PyTorch OneCycleLR formulas."""
+
 import math
 
 import jax
@@ -33,10 +34,24 @@ def torch_one_cycle(step, total, max_lr, pct_start=0.1, div=25.0, final_div=1e4,
 
 
 def optax_cfg(**kw):
-    c = ml_collections.ConfigDict(dict(
-        name="lion", peak_lr=3e-2, b1=0.9, b2=0.95, weight_decay=0.05, decay_1d=False, pct_start=0.1,
-        div_factor=25.0, final_div_factor=1e4, cycle_momentum=True, base_momentum=0.85, max_momentum=0.95,
-        grad_clip_norm=None, mu_dtype=None))
+    c = ml_collections.ConfigDict(
+        dict(
+            name="lion",
+            peak_lr=3e-2,
+            b1=0.9,
+            b2=0.95,
+            weight_decay=0.05,
+            decay_1d=False,
+            pct_start=0.1,
+            div_factor=25.0,
+            final_div_factor=1e4,
+            cycle_momentum=True,
+            base_momentum=0.85,
+            max_momentum=0.95,
+            grad_clip_norm=None,
+            mu_dtype=None,
+        )
+    )
     c.update(kw)
     return c
 
@@ -56,7 +71,8 @@ def test_schedule_matches_pytorch_formulas(total):
     assert all_lr.max() == pytest.approx(3e-5, rel=1e-3) and all_lr.argmax() in (int(0.1 * total) - 1, int(0.1 * total))
     assert float(lr(total - 1)) == pytest.approx(3e-5 / 25 / 1e4, rel=1e-5)
     assert float(b1(0)) == pytest.approx(0.95) and np.asarray(jax.vmap(b1)(jnp.arange(total))).min() == pytest.approx(
-        0.85, rel=1e-3)
+        0.85, rel=1e-3
+    )
 
 
 def numpy_lion(params, grads_seq, lrs, b1s, b2, wd, decay, clip=None):
@@ -66,7 +82,7 @@ def numpy_lion(params, grads_seq, lrs, b1s, b2, wd, decay, clip=None):
     for g, lr, b1 in zip(grads_seq, lrs, b1s):
         g = {k: v.astype(np.float64) for k, v in g.items()}
         if clip is not None:
-            norm = math.sqrt(sum(float((v ** 2).sum()) for v in g.values()))
+            norm = math.sqrt(sum(float((v**2).sum()) for v in g.values()))
             g = {k: v * min(1.0, clip / norm) for k, v in g.items()}
         for k in p:
             if decay[k]:

@@ -8,6 +8,7 @@ main runs), three things are shown:
 - an artefact of the same kind is replaced only with `--overwrite`, and not even then when it holds a file
   that vitally_jax did not write.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,8 +100,22 @@ def world(tmp_path_factory):
     store = generate_screen(d / "screen", "tiny")
     enc = ViTEncoder(vit_config("mu/8", depth=2, in_chans=6), rngs=nnx.Rngs(0))
     export_encoder(d / "encoder", nnx.state(enc), enc.cfg)
-    ok(run_tool("embed", "--encoder", d / "encoder", "--store", store, "--out", d / "emb", "--crop", 32,
-                "--pooling", "mean", "--no-progress"))
+    ok(
+        run_tool(
+            "embed",
+            "--encoder",
+            d / "encoder",
+            "--store",
+            store,
+            "--out",
+            d / "emb",
+            "--crop",
+            32,
+            "--pooling",
+            "mean",
+            "--no-progress",
+        )
+    )
     meta = ImageStore.open(store).metadata
     np.save(d / "x.npy", np.random.default_rng(0).normal(size=(len(meta), 8)).astype(np.float32))
     meta.to_parquet(d / "meta.parquet")
@@ -108,39 +123,128 @@ def world(tmp_path_factory):
     rx_csv, _ = write_rxrx1(d / "rxrx")
     (d / "jump").mkdir()
     jump_csv, _ = write_jump(d / "jump", dtype=np.uint8)
-    return {"dir": d, "store": store, "encoder": d / "encoder", "emb": d / "emb", "x": d / "x.npy",
-            "meta": d / "meta.parquet", "rx_csv": rx_csv, "rx_root": d / "rxrx", "jump_csv": jump_csv,
-            "jump_root": d / "jump"}
+    return {
+        "dir": d,
+        "store": store,
+        "encoder": d / "encoder",
+        "emb": d / "emb",
+        "x": d / "x.npy",
+        "meta": d / "meta.parquet",
+        "rx_csv": rx_csv,
+        "rx_root": d / "rxrx",
+        "jump_csv": jump_csv,
+        "jump_root": d / "jump",
+    }
 
 
 # each writer: (command for an output path OUT, the kind of artefact, the inputs the command reads)
 def _writers(w):
     return {
-        "make_store synthetic": (lambda out: ("make_store", "synthetic", out, "--set", "n_genes=12",
-                                              "n_compounds=2", "image_size=32"), None),
+        "make_store synthetic": (
+            lambda out: ("make_store", "synthetic", out, "--set", "n_genes=12", "n_compounds=2", "image_size=32"),
+            None,
+        ),
         "make_store rxrx": (lambda out: ("make_store", "rxrx", w["rx_csv"], w["rx_root"], out), w["rx_root"]),
-        "make_store jump": (lambda out: ("make_store", "jump", w["jump_csv"], out, "--image-root", w["jump_root"]),
-                            w["jump_root"]),
-        "embed": (lambda out: ("embed", "--encoder", w["encoder"], "--store", w["store"], "--out", out,
-                               "--crop", 32, "--pooling", "mean", "--no-progress"), w["store"]),
-        "embed --parquet": (lambda out: ("embed", "--out", w["emb"], "--export-block", 1, "--parquet", out),
-                            w["emb"]),
-        "curate": (lambda out: ("curate", "--store", w["store"], "--image-statistics", "--permutations", 50,
-                                "--min-experiments", 1, "--min-wells", 1, "--out", out), w["store"]),
-        "probe_sweep": (lambda out: ("probe_sweep", "--encoder", w["encoder"], "--store", w["store"], "--out", out,
-                                     "--crop", 32, "--tasks", "perturbation", "--baselines", "none",
-                                     "--chunk-images", 256, "--no-progress"), w["store"]),
-        "benchmark": (lambda out: ("benchmark", "--embeddings", w["x"], "--metadata", w["meta"], "--out", out,
-                                   "--map-null-size", 100, "--no-plots", "--skip", "cluster,map"), w["x"]),
-        "convert_weights orbax": (lambda out: ("convert_weights", w["encoder"], "--layout", "export", "--to", "orbax",
-                                               out), w["encoder"]),
-        "convert_weights safetensors": (lambda out: ("convert_weights", w["encoder"], "--layout", "export", "--to",
-                                                     "safetensors", out), w["encoder"]),
+        "make_store jump": (
+            lambda out: ("make_store", "jump", w["jump_csv"], out, "--image-root", w["jump_root"]),
+            w["jump_root"],
+        ),
+        "embed": (
+            lambda out: (
+                "embed",
+                "--encoder",
+                w["encoder"],
+                "--store",
+                w["store"],
+                "--out",
+                out,
+                "--crop",
+                32,
+                "--pooling",
+                "mean",
+                "--no-progress",
+            ),
+            w["store"],
+        ),
+        "embed --parquet": (lambda out: ("embed", "--out", w["emb"], "--export-block", 1, "--parquet", out), w["emb"]),
+        "curate": (
+            lambda out: (
+                "curate",
+                "--store",
+                w["store"],
+                "--image-statistics",
+                "--permutations",
+                50,
+                "--min-experiments",
+                1,
+                "--min-wells",
+                1,
+                "--out",
+                out,
+            ),
+            w["store"],
+        ),
+        "probe_sweep": (
+            lambda out: (
+                "probe_sweep",
+                "--encoder",
+                w["encoder"],
+                "--store",
+                w["store"],
+                "--out",
+                out,
+                "--crop",
+                32,
+                "--tasks",
+                "perturbation",
+                "--baselines",
+                "none",
+                "--chunk-images",
+                256,
+                "--no-progress",
+            ),
+            w["store"],
+        ),
+        "benchmark": (
+            lambda out: (
+                "benchmark",
+                "--embeddings",
+                w["x"],
+                "--metadata",
+                w["meta"],
+                "--out",
+                out,
+                "--map-null-size",
+                100,
+                "--no-plots",
+                "--skip",
+                "cluster,map",
+            ),
+            w["x"],
+        ),
+        "convert_weights orbax": (
+            lambda out: ("convert_weights", w["encoder"], "--layout", "export", "--to", "orbax", out),
+            w["encoder"],
+        ),
+        "convert_weights safetensors": (
+            lambda out: ("convert_weights", w["encoder"], "--layout", "export", "--to", "safetensors", out),
+            w["encoder"],
+        ),
     }
 
 
-WRITERS = ["make_store synthetic", "make_store rxrx", "make_store jump", "embed", "embed --parquet", "curate",
-           "probe_sweep", "benchmark", "convert_weights orbax", "convert_weights safetensors"]
+WRITERS = [
+    "make_store synthetic",
+    "make_store rxrx",
+    "make_store jump",
+    "embed",
+    "embed --parquet",
+    "curate",
+    "probe_sweep",
+    "benchmark",
+    "convert_weights orbax",
+    "convert_weights safetensors",
+]
 FILE_OUTPUTS = {"embed --parquet": ".parquet", "curate": ".parquet", "convert_weights safetensors": ".safetensors"}
 
 
@@ -230,16 +334,26 @@ def test_probe_sweep_trim_and_curation_sidecars(world, tmp_path):
 def test_embed_overwrite_keeps_the_old_store_until_the_new_one_is_complete(world, tmp_path):
     from vitally_jax.embedding.screen import EmbeddingStore, embed_screen
 
-    enc, _ = load_encoder(world["encoder"])
+    enc, _, _ = load_encoder(world["encoder"])
     out = tmp_path / "emb"
     embed_screen(enc, world["store"], out, pooling=("mean",), crop=32, chunk_images=64, progress=False)
     old = EmbeddingStore.open(out).features("mean")
-    r = embed_screen(enc, world["store"], out, pooling=("mean", "cls"), crop=32, chunk_images=64, progress=False,
-                     overwrite=True, stop_after=1)
+    r = embed_screen(
+        enc,
+        world["store"],
+        out,
+        pooling=("mean", "cls"),
+        crop=32,
+        chunk_images=64,
+        progress=False,
+        overwrite=True,
+        stop_after=1,
+    )
     assert not r["complete"]
     np.testing.assert_array_equal(EmbeddingStore.open(out).features("mean"), old)  # untouched, still readable
-    r = embed_screen(enc, world["store"], out, pooling=("mean", "cls"), crop=32, chunk_images=64, progress=False,
-                     overwrite=True)  # resumes the replacement, then swaps it in
+    r = embed_screen(
+        enc, world["store"], out, pooling=("mean", "cls"), crop=32, chunk_images=64, progress=False, overwrite=True
+    )  # resumes the replacement, then swaps it in
     assert r["complete"] and r["skipped"] == [0]
     assert EmbeddingStore.open(out).poolings == ["mean", "cls"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]
@@ -249,7 +363,7 @@ def test_api_writers_refuse_user_folders(world, tmp_path):
     """The library calls behind the commands keep the same rules (export_encoder, write_store, reports)."""
     from vitally_jax.benchmarks.report import BenchmarkReport
 
-    enc, cfg = load_encoder(world["encoder"])
+    enc, cfg, _ = load_encoder(world["encoder"])
     target = tmp_path / "mine"
     before = user_folder(target)
     with pytest.raises(OutputError, match="refusing to touch it"):
@@ -272,8 +386,14 @@ def test_api_writers_refuse_user_folders(world, tmp_path):
 
 def _main(args, cwd, timeout=300):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "vitally_jax.main", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "vitally_jax.main", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_main_workdir_of_a_user_is_refused_for_train_and_demo(world, tmp_path):
@@ -283,8 +403,14 @@ def test_main_workdir_of_a_user_is_refused_for_train_and_demo(world, tmp_path):
     runs = {
         "train": _main(["--config=configs/tiny.py", f"--workdir={wd}", "--config.total_steps=20"], ROOT),
         "demo": _main(["--config=configs/demo.py", f"--workdir={wd}"], ROOT),
-        "inside the store": _main(["--config=configs/tiny.py", f"--workdir={world['store'] / 'wd'}",
-                                   f"--config.input.store={world['store']}"], ROOT),
+        "inside the store": _main(
+            [
+                "--config=configs/tiny.py",
+                f"--workdir={world['store'] / 'wd'}",
+                f"--config.input.store={world['store']}",
+            ],
+            ROOT,
+        ),
     }
     for name, r in runs.items():
         refused((r.returncode, r.stderr), "refusing" if name != "inside the store" else "lies inside the input")
@@ -296,11 +422,15 @@ def test_killed_overwrite_leaves_the_previous_store_readable(tmp_path):
     """SIGKILL while `make_store synthetic --overwrite` writes: the old store is intact, or the new one is."""
     out = tmp_path / "store"
     args = [sys.executable, str(ROOT / "tools" / "make_store.py"), "synthetic", str(out)]
-    subprocess.run(args + ["--set", "n_genes=12", "n_compounds=2", "image_size=32"], check=True, timeout=300,
-                   capture_output=True)
+    subprocess.run(
+        args + ["--set", "n_genes=12", "n_compounds=2", "image_size=32"], check=True, timeout=300, capture_output=True
+    )
     old = ImageStore.open(out).read_many(0, len(ImageStore.open(out)))
-    proc = subprocess.Popen(args + ["--overwrite", "--set", "n_genes=40", "image_size=64"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args + ["--overwrite", "--set", "n_genes=40", "image_size=64"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
         time.sleep(0.01)  # the rewrite has started once its temporary folder exists

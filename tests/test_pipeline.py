@@ -1,10 +1,16 @@
 """Grain training pipeline and inference tiler: exact crops, determinism, resumption, process sharding."""
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from vitally_jax.data.pipeline import (global_batches, inference_tiles, self_standardize_np, tiles_per_image,
-                                       train_dataset)
+from vitally_jax.data.pipeline import (
+    global_batches,
+    inference_tiles,
+    self_standardize_np,
+    tiles_per_image,
+    train_dataset,
+)
 from vitally_jax.data.store import ImageStore, metadata_frame, write_store
 from vitally_jax.errors import ConfigError, DataError
 
@@ -31,7 +37,7 @@ def _undo(crop, imgs):
     i = int(crop[0, 0, 2])
     ys, xs = crop[..., 0], crop[..., 1]
     y, x = int(ys.min()), int(xs.min())
-    ref = imgs[i, y:y + CROP, x:x + CROP]
+    ref = imgs[i, y : y + CROP, x : x + CROP]
     for t in range(4):
         for cand in (np.rot90(ref, t), np.rot90(ref[::-1], t)):
             if np.array_equal(cand, crop):
@@ -41,14 +47,23 @@ def _undo(crop, imgs):
 
 def test_crops_equal_numpy_slices(store):
     path, imgs = store
-    ds = train_dataset(path, crop=CROP, global_batch=4, seed=3, flips=False, rot90=False,
-                       process_index=0, process_count=1, num_epochs=1)
+    ds = train_dataset(
+        path,
+        crop=CROP,
+        global_batch=4,
+        seed=3,
+        flips=False,
+        rot90=False,
+        process_index=0,
+        process_count=1,
+        num_epochs=1,
+    )
     seen = []
     for batch in ds:
         assert batch["image"].shape == (4, CROP, CROP, 4) and batch["image"].dtype == np.uint8
         for crop in batch["image"]:
             i, y, x = int(crop[0, 0, 2]), int(crop[0, 0, 0]), int(crop[0, 0, 1])
-            np.testing.assert_array_equal(crop, imgs[i, y:y + CROP, x:x + CROP])
+            np.testing.assert_array_equal(crop, imgs[i, y : y + CROP, x : x + CROP])
             # offsets follow the documented generator: default_rng((seed, epoch, k)), k = index position
             rng = np.random.default_rng((3, 0, i))
             assert (y, x) == (rng.integers(0, H - CROP + 1), rng.integers(0, W - CROP + 1))
@@ -63,7 +78,7 @@ def test_augmented_crops_are_dihedral_slices(store):
     for b in _take(it, 4):
         for crop in b:
             i, y, x = _undo(crop, imgs)
-            n_transformed += not np.array_equal(crop, imgs[i, y:y + CROP, x:x + CROP])
+            n_transformed += not np.array_equal(crop, imgs[i, y : y + CROP, x : x + CROP])
     assert n_transformed >= 10  # 7 of 8 transforms change the crop
 
 
@@ -76,7 +91,7 @@ def test_same_seed_same_batches_and_epochs_reshuffle(store):
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
-    ids = [sorted(int(v) for v in np.concatenate(a[2 * e:2 * e + 2])[:, 0, 0, 2]) for e in range(2)]
+    ids = [sorted(int(v) for v in np.concatenate(a[2 * e : 2 * e + 2])[:, 0, 0, 2]) for e in range(2)]
     assert ids == [list(range(N))] * 2  # every epoch visits each image once
     order0 = np.concatenate(a[:2])[:, 0, 0, 2]
     order1 = np.concatenate(a[2:])[:, 0, 0, 2]
@@ -85,8 +100,7 @@ def test_same_seed_same_batches_and_epochs_reshuffle(store):
 
 def test_resume_from_state_mid_epoch(store):
     path, _ = store
-    ds = train_dataset(path, crop=CROP, global_batch=3, seed=1, process_index=0, process_count=1,
-                       standardize=True)
+    ds = train_dataset(path, crop=CROP, global_batch=3, seed=1, process_index=0, process_count=1, standardize=True)
     it = iter(ds)
     _take(it, 2)
     state = it.get_state()
@@ -111,13 +125,20 @@ def test_two_processes_disjoint_and_covering(store):
 def test_index_subset(store, tmp_path):
     path, _ = store
     pd.DataFrame({"image_id": ["im1", "im4", "im7"]}).to_parquet(tmp_path / "idx.parquet")
-    ds = train_dataset(path, crop=CROP, global_batch=3, seed=0, index=tmp_path / "idx.parquet",
-                       process_index=0, process_count=1, num_epochs=2)
+    ds = train_dataset(
+        path,
+        crop=CROP,
+        global_batch=3,
+        seed=0,
+        index=tmp_path / "idx.parquet",
+        process_index=0,
+        process_count=1,
+        num_epochs=2,
+    )
     for b in ds:
         assert sorted(b["image"][:, 0, 0, 2].tolist()) == [1, 4, 7]
     with pytest.raises(DataError, match="'im99' is not in the store"):
-        train_dataset(path, crop=CROP, global_batch=3, seed=0, index=["im1", "im99"], process_index=0,
-                      process_count=1)
+        train_dataset(path, crop=CROP, global_batch=3, seed=0, index=["im1", "im99"], process_index=0, process_count=1)
     with pytest.raises(ConfigError, match="multiple of process_count"):
         train_dataset(path, crop=CROP, global_batch=3, seed=0, process_index=0, process_count=2)
     with pytest.raises(DataError, match="crop 64 larger"):
@@ -175,6 +196,6 @@ def test_inference_tiles_order_and_remainder(store):
     assert tile_idx.tolist() == [0, 1, 2, 3] * 3
     for i, t, tile in zip(img_idx, tile_idx, tiles):
         ty, tx = divmod(int(t), W // CROP)
-        np.testing.assert_array_equal(tile, imgs[i, ty * CROP:(ty + 1) * CROP, tx * CROP:(tx + 1) * CROP])
+        np.testing.assert_array_equal(tile, imgs[i, ty * CROP : (ty + 1) * CROP, tx * CROP : (tx + 1) * CROP])
     with pytest.raises(DataError, match="no tile fits"):
         next(inference_tiles(st, crop=41))

@@ -1,12 +1,13 @@
 """The jitted every-block pass: equals truncated models, block subsets, sharding, padding, bad input."""
+
 import numpy as np
 import pytest
 from flax import nnx
 
+from vitally_jax.embedding.blocks import POOLINGS, embed, make_extractor, trim_encoder
 from vitally_jax.errors import ConfigError, DataError
 from vitally_jax.models.preprocess import self_standardize
 from vitally_jax.models.vit import ViTEncoder, vit_config
-from vitally_jax.embedding.blocks import POOLINGS, embed, make_extractor, trim_encoder
 from vitally_jax.sharding import make_mesh
 
 DEPTH = 3
@@ -58,8 +59,9 @@ def test_single_pass_equals_truncated_models(encoder, images, all_blocks):
 def test_block_subset_and_pooling_selection(encoder, images, all_blocks):
     sub = embed(encoder, images, blocks=[3, 1], pooling="mean", batch_size=8)
     assert list(sub) == ["mean"] and sub["mean"].shape == (10, 2, 64)
-    np.testing.assert_allclose(sub["mean"], all_blocks["mean"][:, [0, 2]], atol=1e-5 * np.abs(all_blocks["mean"]).max(),
-                               rtol=0)
+    np.testing.assert_allclose(
+        sub["mean"], all_blocks["mean"][:, [0, 2]], atol=1e-5 * np.abs(all_blocks["mean"]).max(), rtol=0
+    )
     ex = make_extractor(encoder, blocks=[2])
     assert ex.blocks == (2,) and ex.poolings == ("cls_norm", "mean")
 

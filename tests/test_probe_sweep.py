@@ -1,4 +1,5 @@
 """Linear probes (JAX vs scikit-learn), functional gene groups, sweep tasks, table/plot, trimmed export."""
+
 import json
 
 import numpy as np
@@ -6,12 +7,24 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
+from vitally_jax.benchmarks.annotations import load_clusters
 from vitally_jax.errors import BenchmarkInputError, ConfigError, DataError
-from vitally_jax.probes.gene_groups import functional_gene_groups, gene_labels, read_complexes
-from vitally_jax.probes.linear import (JaxLogisticProbe, SklearnLogisticProbe, balanced_accuracy, make_probe,
-                                      probe_scores)
-from vitally_jax.probes.sweep import (best_blocks, perturbation_split, run_sweep, task_gene_groups,
-                                     task_perturbation, write_sweep)
+from vitally_jax.probes.gene_groups import functional_gene_groups, gene_labels
+from vitally_jax.probes.linear import (
+    JaxLogisticProbe,
+    SklearnLogisticProbe,
+    balanced_accuracy,
+    make_probe,
+    probe_scores,
+)
+from vitally_jax.probes.sweep import (
+    best_blocks,
+    perturbation_split,
+    run_sweep,
+    task_gene_groups,
+    task_perturbation,
+    write_sweep,
+)
 
 
 def _blobs(rng, n, centers, scales, noise=2.0):
@@ -68,7 +81,7 @@ def test_functional_gene_groups_are_disjoint_and_sized():
     assert min(sizes) >= 5 and max(sizes) <= 20
     labels = gene_labels(groups)
     assert len(labels) == sum(sizes)  # disjoint
-    complexes = read_complexes()
+    complexes = load_clusters("CORUM", repeated="union")
     for name, genes in groups.items():
         assert set(genes) <= set(complexes[name])
     # restricted to the screened genes, deterministic
@@ -92,12 +105,28 @@ def _toy_wells(rng, genes_by_group, experiments=4, reps=2, d=16, noise=0.6):
     for e in range(experiments):
         for gene in gene_off:
             for r in range(reps):
-                rows.append(dict(well_id=f"E{e}_{gene}_{r}", plate=f"P{e}", experiment=f"E{e}", perturbation=gene,
-                                 perturbation_type="gene", is_control=False))
+                rows.append(
+                    dict(
+                        well_id=f"E{e}_{gene}_{r}",
+                        plate=f"P{e}",
+                        experiment=f"E{e}",
+                        perturbation=gene,
+                        perturbation_type="gene",
+                        is_control=False,
+                    )
+                )
                 signal.append(gene_off[gene])
         for r in range(3):
-            rows.append(dict(well_id=f"E{e}_ctl_{r}", plate=f"P{e}", experiment=f"E{e}", perturbation="EMPTY",
-                             perturbation_type="control", is_control=True))
+            rows.append(
+                dict(
+                    well_id=f"E{e}_ctl_{r}",
+                    plate=f"P{e}",
+                    experiment=f"E{e}",
+                    perturbation="EMPTY",
+                    perturbation_type="control",
+                    is_control=True,
+                )
+            )
             signal.append(np.zeros(d))
     signal = np.asarray(signal)
     feats = np.stack([signal * s + noise * rng.normal(size=signal.shape) for s in (0.1, 0.5, 1.0)])
@@ -116,7 +145,9 @@ def test_sweep_tasks_table_and_plot(tmp_path):
     assert acc.shape == (3,) and acc[2] > acc[0] and acc[2] > 0.5
     acc_g = task_gene_groups(feats, meta, probe=probe, groups=groups)
     assert acc_g[2] > 0.6 and acc_g[2] > acc_g[0]
-    table = run_sweep({"model": (feats, [1, 2, 3])}, meta, probe=probe, task_options={"gene_groups": {"groups": groups}})
+    table = run_sweep(
+        {"model": (feats, [1, 2, 3])}, meta, probe=probe, task_options={"gene_groups": {"groups": groups}}
+    )
     assert len(table) == 2 * 3
     np.testing.assert_allclose(table[table.task == "perturbation"]["score"], acc)
     b_star = write_sweep(table, tmp_path, extra={"note": "toy"})
@@ -152,9 +183,9 @@ def test_sweep_tool_on_synthetic_screen_and_trimmed_export(tmp_path, repo_root):
     from vitally_jax.checkpoint import export_encoder, load_encoder
     from vitally_jax.data.store import ImageStore
     from vitally_jax.data.synthetic import generate_screen
+    from vitally_jax.embedding.blocks import embed
     from vitally_jax.embedding.screen import EmbeddingStore
     from vitally_jax.models.vit import ViTEncoder, vit_config
-    from vitally_jax.embedding.blocks import embed
 
     screen = ImageStore.open(generate_screen(tmp_path / "screen", "tiny"))
     enc = ViTEncoder(vit_config("mu/8", depth=3, in_chans=6), rngs=nnx.Rngs(1))
@@ -165,14 +196,35 @@ def test_sweep_tool_on_synthetic_screen_and_trimmed_export(tmp_path, repo_root):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = tmp_path / "sweep"
-    rc = tool.main(["--encoder", str(tmp_path / "encoder"), "--store", str(screen.path), "--out", str(out),
-                    "--crop", "32", "--group-min-size", "3", "--folds", "3", "--chunk-images", "128",
-                    "--trim", str(tmp_path / "trimmed"), "--no-progress"])
+    rc = tool.main(
+        [
+            "--encoder",
+            str(tmp_path / "encoder"),
+            "--store",
+            str(screen.path),
+            "--out",
+            str(out),
+            "--crop",
+            "32",
+            "--group-min-size",
+            "3",
+            "--folds",
+            "3",
+            "--chunk-images",
+            "128",
+            "--trim",
+            str(tmp_path / "trimmed"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     table = pd.read_csv(out / "sweep.csv")
     counts = table.groupby(["source", "task"]).size().to_dict()
-    assert counts == {(s, t): n for s, n in (("model", 3), ("random_init", 3), ("image_stats", 1))
-                      for t in ("perturbation", "gene_groups")}
+    assert counts == {
+        (s, t): n
+        for s, n in (("model", 3), ("random_init", 3), ("image_stats", 1))
+        for t in ("perturbation", "gene_groups")
+    }
     assert table["score"].between(0, 1).all()
     payload = json.loads((out / "sweep.json").read_text())
     b_star = payload["b_star"]
@@ -185,7 +237,7 @@ def test_sweep_tool_on_synthetic_screen_and_trimmed_export(tmp_path, repo_root):
     assert (out / "sweep.png").stat().st_size > 10_000
 
     # E: the trimmed export loads and reproduces block b*'s embeddings
-    trimmed, cfg = load_encoder(tmp_path / "trimmed")
+    trimmed, cfg, _ = load_encoder(tmp_path / "trimmed")
     assert cfg.depth == b_star["overall"]
     stored = EmbeddingStore.open(out / "embeddings" / "model")
     imgs = screen.read_many(0, 3)

@@ -12,6 +12,7 @@ scales. Properties:
 - the inference tiler covers every pixel of the tiled region exactly once, puts each tile where it belongs and
   drops only the bottom/right remainder narrower than a crop.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -19,7 +20,8 @@ import tempfile
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vitally_jax.benchmarks import align
 from vitally_jax.benchmarks.cosine import cosine_matrix
@@ -49,9 +51,13 @@ def screen(seed: int, n_batches: int, n_features: int, n_perts: int = 6, reps: i
 
 
 @FAST
-@given(seed=st.integers(0, 2**31 - 1), n_batches=st.integers(1, 3), n_features=st.integers(2, 7),
-       method=st.sampled_from(["tvn", "centerscale", "centerscale_on_controls", "pca", "pca_centerscale"]),
-       perm_seed=st.integers(0, 2**31 - 1))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_batches=st.integers(1, 3),
+    n_features=st.integers(2, 7),
+    method=st.sampled_from(["tvn", "centerscale", "centerscale_on_controls", "pca", "pca_centerscale"]),
+    perm_seed=st.integers(0, 2**31 - 1),
+)
 def test_alignment_commutes_with_row_order(seed, n_batches, n_features, method, perm_seed):
     x, md = screen(seed, n_batches, n_features)
     perm = np.random.default_rng(perm_seed).permutation(len(x))
@@ -63,8 +69,12 @@ def test_alignment_commutes_with_row_order(seed, n_batches, n_features, method, 
 
 
 @FAST
-@given(seed=st.integers(0, 2**31 - 1), n_batches=st.integers(1, 3), n_features=st.integers(2, 7),
-       flips=st.lists(st.booleans(), min_size=7, max_size=7))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_batches=st.integers(1, 3),
+    n_features=st.integers(2, 7),
+    flips=st.lists(st.booleans(), min_size=7, max_size=7),
+)
 def test_tvn_is_equivariant_to_column_sign_flips(seed, n_batches, n_features, flips):
     x, md = screen(seed, n_batches, n_features)
     signs = np.where(np.asarray(flips[:n_features]), -1.0, 1.0)
@@ -87,16 +97,20 @@ def map_with_pairs(seed: int, n_perts: int, n_features: int):
     groups = [list(range(g, min(n_perts, 12), 3)) for g in range(3)]
     for g, members in enumerate(groups):
         x[members] += centers[g]
-    pairs = [(labels[a], labels[b]) for m in groups for i, a in enumerate(m) for b in m[i + 1:]]
+    pairs = [(labels[a], labels[b]) for m in groups for i, a in enumerate(m) for b in m[i + 1 :]]
     pairs += [("GENE000", "NOT_A_GENE")]  # an unknown gene is skipped
     table = pd.DataFrame(pairs, columns=["entity1", "entity2"])
     return x, labels, {"planted": table}
 
 
 @FAST
-@given(seed=st.integers(0, 2**31 - 1), n_perts=st.integers(20, 40), n_features=st.integers(3, 12),
-       perm_seed=st.integers(0, 2**31 - 1),
-       log_scales=st.lists(st.floats(-6, 6, allow_nan=False), min_size=40, max_size=40))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_perts=st.integers(20, 40),
+    n_features=st.integers(3, 12),
+    perm_seed=st.integers(0, 2**31 - 1),
+    log_scales=st.lists(st.floats(-6, 6, allow_nan=False), min_size=40, max_size=40),
+)
 def test_recall_and_cosine_ignore_row_order_and_row_scale(seed, n_perts, n_features, perm_seed, log_scales):
     x, labels, sources = map_with_pairs(seed, n_perts, n_features)
     scale = np.exp(np.asarray(log_scales[:n_perts]))
@@ -107,8 +121,7 @@ def test_recall_and_cosine_ignore_row_order_and_row_scale(seed, n_perts, n_featu
     with pytest.warns(UserWarning, match="not in the map"):
         got = known_relationship_recall((x * scale[:, None])[perm], labels[perm], sources=sources)
     with pytest.warns(UserWarning, match="not in the map"):
-        flipped = known_relationship_recall(x * np.where(np.arange(n_features) % 2, -1.0, 1.0), labels,
-                                            sources=sources)
+        flipped = known_relationship_recall(x * np.where(np.arange(n_features) % 2, -1.0, 1.0), labels, sources=sources)
     for other in (got, flipped):
         assert other.query_distribution_size.tolist() == ref.query_distribution_size.tolist()
         assert other.null_distribution_size.tolist() == [n_perts * (n_perts - 1) // 2]
@@ -117,8 +130,12 @@ def test_recall_and_cosine_ignore_row_order_and_row_scale(seed, n_perts, n_featu
 
 
 @FAST
-@given(seed=st.integers(0, 2**31 - 1), n_features=st.integers(3, 8), perm_seed=st.integers(0, 2**31 - 1),
-       scale=st.floats(1e-3, 1e3))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_features=st.integers(3, 8),
+    perm_seed=st.integers(0, 2**31 - 1),
+    scale=st.floats(1e-3, 1e3),
+)
 def test_average_precision_ignores_row_order_and_scale(seed, n_features, perm_seed, scale):
     x, md = screen(seed, 2, n_features)
     groups = md.perturbation.to_numpy()
@@ -136,6 +153,7 @@ def test_average_precision_ignores_row_order_and_scale(seed, n_features, perm_se
 # The inference tiler
 # ------------------------------------------------------------------------------------------------------------
 
+
 def coordinate_store(root: str, n: int, h: int, w: int):
     """A real image store whose pixels record (row, column, image): channel 0 = y, 1 = x, 2 = image index."""
     from vitally_jax.data.store import ImageStore, metadata_frame, write_store
@@ -147,8 +165,16 @@ def coordinate_store(root: str, n: int, h: int, w: int):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(1, 4), ty=st.integers(1, 4), tx=st.integers(1, 4), crop=st.sampled_from([4, 5, 8, 16]),
-       rem_y=st.integers(0, 3), rem_x=st.integers(0, 3), batch_size=st.integers(1, 9), data=st.data())
+@given(
+    n=st.integers(1, 4),
+    ty=st.integers(1, 4),
+    tx=st.integers(1, 4),
+    crop=st.sampled_from([4, 5, 8, 16]),
+    rem_y=st.integers(0, 3),
+    rem_x=st.integers(0, 3),
+    batch_size=st.integers(1, 9),
+    data=st.data(),
+)
 def test_tiler_covers_every_pixel_exactly_once(n, ty, tx, crop, rem_y, rem_x, batch_size, data):
     from vitally_jax.data.pipeline import inference_tiles, tiles_per_image
 
@@ -173,7 +199,7 @@ def test_tiler_covers_every_pixel_exactly_once(n, ty, tx, crop, rem_y, rem_x, ba
             assert (y0, x0) == ((t // tx) * crop, (t % tx) * crop)  # row-major tile position
             np.testing.assert_array_equal(c[..., 0], (y0 + np.arange(crop))[:, None].repeat(crop, 1))
             np.testing.assert_array_equal(c[..., 1], (x0 + np.arange(crop))[None, :].repeat(crop, 0))
-            covered[i, y0:y0 + crop, x0:x0 + crop] += 1
+            covered[i, y0 : y0 + crop, x0 : x0 + crop] += 1
     assert order == [(i, t) for i in range(start, stop) for t in range(ty * tx)]
     inside = covered[start:stop, : ty * crop, : tx * crop]
     assert np.all(inside == 1)  # every pixel of the tiled region exactly once

@@ -1,5 +1,6 @@
 """An embedding job killed mid-run (SIGKILL, a real `tools/embed.py` process): the rerun finishes the store and its
 contents are bitwise identical to an uninterrupted run."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,17 @@ from vitally_jax.models.vit import ViTEncoder, vit_config
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 N_IMAGES, CHUNK = 24, 2
 SETTINGS = dict(pooling=("cls_norm", "mean"), crop=16, batch_size=8, chunk_images=CHUNK, progress=False)
-ARGS = ["--pooling", "cls_norm,mean", "--crop", "16", "--batch-size", "8", "--chunk-images", str(CHUNK),
-        "--no-progress"]
+ARGS = [
+    "--pooling",
+    "cls_norm,mean",
+    "--crop",
+    "16",
+    "--batch-size",
+    "8",
+    "--chunk-images",
+    str(CHUNK),
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +43,11 @@ def inputs(tmp_path_factory):
     enc.blocks.gamma[...] = 0.5 * np.ones(enc.blocks.gamma[...].shape, np.float32)  # blocks visibly differ
     export_encoder(d / "encoder", nnx.state(enc), enc.cfg)
     images = np.random.default_rng(0).integers(0, 256, (N_IMAGES, 32, 32, 3), dtype=np.uint8)
-    meta = metadata_frame([f"img{i:02d}" for i in range(N_IMAGES)], well_id=[f"W{i // 2:02d}" for i in range(N_IMAGES)],
-                          site=[i % 2 + 1 for i in range(N_IMAGES)])
+    meta = metadata_frame(
+        [f"img{i:02d}" for i in range(N_IMAGES)],
+        well_id=[f"W{i // 2:02d}" for i in range(N_IMAGES)],
+        site=[i % 2 + 1 for i in range(N_IMAGES)],
+    )
     store = write_store(d / "store", images, meta, ["a", "b", "c"])
     return d / "encoder", store
 
@@ -49,12 +62,27 @@ def test_killed_embedding_job_resumes_identically(inputs, tmp_path):
     out = tmp_path / "emb"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     log = open(tmp_path / "embed.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "embed_slowly.py"), "0.15", "--encoder",
-                             str(enc_path), "--store", str(store), "--out", str(out), *ARGS],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "embed_slowly.py"),
+            "0.15",
+            "--encoder",
+            str(enc_path),
+            "--store",
+            str(store),
+            "--out",
+            str(out),
+            *ARGS,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         # meanwhile: the uninterrupted reference, in this process, from the same export
-        encoder, _ = load_encoder(enc_path)
+        encoder, _, _ = load_encoder(enc_path)
         ref = tmp_path / "reference"
         assert embed_screen(encoder, store, ref, **SETTINGS)["complete"]
         t0 = time.time()

@@ -5,9 +5,9 @@ reference run in this process (the same code `main` calls, with the same 8 CPU d
 Final parameters are compared bitwise (CPU, deterministic pipeline: batches and randomness depend only on
 (seed, step)).
 """
+
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import pathlib
@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from vitally_jax import checkpoint as ckpt
+from vitally_jax import config_lib
 from vitally_jax.cli import run_cli
 from vitally_jax.errors import CheckpointError
 from vitally_jax.train import train_and_evaluate
@@ -30,15 +31,8 @@ STEPS = 40  # the tiny config's length: the compiled step is shared with tests/t
 EVERY = 5
 
 
-def load_tiny():
-    spec = importlib.util.spec_from_file_location("cfg_tiny_rel", ROOT / "configs" / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config("")
-
-
 def config(store):
-    c = load_tiny()
+    c = config_lib.load("tiny")
     c.input.store = str(store)
     c.input.synthetic = None
     c.total_steps = STEPS
@@ -51,15 +45,29 @@ def config(store):
 
 def start_training(store, workdir: pathlib.Path) -> subprocess.Popen:
     """The training entry point as a separate process (logs to WORKDIR.log)."""
-    argv = [sys.executable, "-m", "vitally_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-            f"--config.input.store={store}", f"--config.total_steps={STEPS}",
-            f"--config.checkpoint.every_steps={EVERY}", "--config.checkpoint.keep=2", "--config.log.tensorboard=false"]
+    argv = [
+        sys.executable,
+        "-m",
+        "vitally_jax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.input.store={store}",
+        f"--config.total_steps={STEPS}",
+        f"--config.checkpoint.every_steps={EVERY}",
+        "--config.checkpoint.keep=2",
+        "--config.log.tensorboard=false",
+    ]
     log = open(f"{workdir}.log", "w")
     import jax
 
     # XLA_FLAGS (8 devices) come from conftest's environment; share this process's persistent compilation cache
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -147,12 +155,13 @@ def test_sigkill_at_a_random_step_resumes_bitwise(jobs, reference, screen):
 def test_sigterm_checkpoints_exits_zero_and_resumes(jobs, reference, screen):
     """B: SIGTERM (preemption notice): a checkpoint of the current step, exit code 0; the rerun resumes."""
     termed = jobs["termed"]
-    assert jobs["term_rc"] == 0, (termed.with_suffix(".log").read_text()[-3000:])
+    assert jobs["term_rc"] == 0, termed.with_suffix(".log").read_text()[-3000:]
     saved = steps_on_disk(termed)
     assert saved and max(saved) < STEPS
     last = max(saved)
-    assert (termed / "checkpoints" / str(last) / "commit_success.txt").exists() or \
-        (termed / "checkpoints" / str(last) / "meta").is_dir()
+    assert (termed / "checkpoints" / str(last) / "commit_success.txt").exists() or (
+        termed / "checkpoints" / str(last) / "meta"
+    ).is_dir()
     assert f"stopped at step {last} (signal)" in termed.with_suffix(".log").read_text()
     rerun = train_and_evaluate(config(screen), termed)
     assert rerun["step"] == STEPS

@@ -1,10 +1,12 @@
 """Sharded forward, MAE loss and gradients equal the single-device values (guards the sharding trap)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vitally_jax import sharding
 from vitally_jax.errors import ConfigError
@@ -28,13 +30,14 @@ def random_state(ctor, seed=0):
         if name.endswith(("kernel", "in_proj")):
             return z / np.sqrt(leaf.shape[-2])
         return 0.2 * z
+
     return graphdef, jax.tree_util.tree_map_with_path(fill, state)
 
 
 @pytest.fixture(scope="module")
 def setup():
     assert jax.device_count() == 8
-    cfg = mae_config("mu/8", num_heads=4)                               # heads and widths divisible by 'model'
+    cfg = mae_config("mu/8", num_heads=4)  # heads and widths divisible by 'model'
     graphdef, state = random_state(lambda: MAE(cfg, rngs=nnx.Rngs(0)))
     x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 32, 32, 6)), jnp.float32)
     noise = jax.random.uniform(jax.random.key(2), (8, 16))
@@ -43,7 +46,8 @@ def setup():
         def loss_fn(s):
             m = nnx.merge(graphdef, s)
             out = m(x, noise=noise)
-            return out["loss"], (out["pred"], out["latent"])          # latent: the encoder forward
+            return out["loss"], (out["pred"], out["latent"])  # latent: the encoder forward
+
         (loss, (pred, emb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state)
         return loss, pred, emb, grads
 
@@ -61,12 +65,13 @@ def test_sharded_step_equals_single_device(setup, shape):
     with jax.set_mesh(mesh):
         st = jax.device_put(state, state_sh)
         xs, ns = jax.device_put(x, batch_sh), jax.device_put(noise, batch_sh)
-        fn = jax.jit(step, in_shardings=(state_sh, batch_sh, batch_sh),
-                     out_shardings=(rep, batch_sh, batch_sh, state_sh))
+        fn = jax.jit(
+            step, in_shardings=(state_sh, batch_sh, batch_sh), out_shardings=(rep, batch_sh, batch_sh, state_sh)
+        )
         loss, pred, emb, grads = fn(st, xs, ns)
     placed = {sharding._path_str(p): a.sharding.spec for p, a in jax.tree_util.tree_flatten_with_path(st)[0]}
     expect = P(None, "fsdp" if shape[1] > 1 else None, "model" if shape[2] > 1 else None)
-    assert placed["encoder/blocks/in_proj"] == expect                    # parameters really are sharded
+    assert placed["encoder/blocks/in_proj"] == expect  # parameters really are sharded
     # sharded matmuls add their partial sums in another order: differences of a few ulps of the largest value
     # (|pred| and |emb| reach ~5, where one float32 ulp is 4.8e-7), hence tolerances relative to that scale
     np.testing.assert_allclose(loss, single[0], atol=1e-5)
@@ -84,8 +89,9 @@ def test_rules_never_shard_the_layer_axis_and_fall_back_when_indivisible():
     assert sharding.spec_for("blocks/mlp_out/kernel", (12, 256, 64), mesh) == P(None, "model", "fsdp")
     assert sharding.spec_for("blocks/attn_out/kernel", (12, 65, 63), mesh) == P(None, None, None)
     assert sharding.spec_for("cls_token", (1, 1, 64), mesh) == P()
-    assert sharding.spec_for("x/in_proj", (64, 448), mesh, rules=[(r"in_proj", (("fsdp", "model"), None))]) \
-        == P(("fsdp", "model"), None)
+    assert sharding.spec_for("x/in_proj", (64, 448), mesh, rules=[(r"in_proj", (("fsdp", "model"), None))]) == P(
+        ("fsdp", "model"), None
+    )
     for shape in MESHES:
         m = sharding.make_mesh(shape)
         assert m.axis_names == ("data", "fsdp", "model") and tuple(m.shape.values()) == shape

@@ -1,4 +1,5 @@
 """Image store: exact round trip, crops, pickling, and one-line errors with no partial store left behind."""
+
 import os
 import pickle
 
@@ -13,8 +14,17 @@ CH = ["DNA", "ER", "Actin", "RNA", "Mito", "Golgi"]
 
 
 def _meta(n, **kw):
-    return metadata_frame([f"img{i}" for i in range(n)], plate="P1", experiment="E1", well_row=np.arange(n) + 1,
-                          well_col=2, site=1, perturbation="TP53", guide_id="TP53_g1", **kw)
+    return metadata_frame(
+        [f"img{i}" for i in range(n)],
+        plate="P1",
+        experiment="E1",
+        well_row=np.arange(n) + 1,
+        well_col=2,
+        site=1,
+        perturbation="TP53",
+        guide_id="TP53_g1",
+        **kw,
+    )
 
 
 def _images(n, h=40, w=36, c=6, seed=0):
@@ -35,8 +45,7 @@ def test_round_trip_array_and_crops(tmp_path):
     np.testing.assert_array_equal(st.read(3), imgs[3])
     np.testing.assert_array_equal(st.read_crop(2, 40, 13, 256), imgs[2, 40:296, 13:269])
     assert list(st.metadata.columns) == list(METADATA_COLUMNS)
-    pd.testing.assert_frame_equal(st.metadata, _meta(5, concentration=[np.nan, 1.0, 2.5, 10.0, 1e4]),
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(st.metadata, _meta(5, concentration=[np.nan, 1.0, 2.5, 10.0, 1e4]), check_dtype=False)
     assert st.metadata.well_row.dtype == np.int64 and st.metadata.is_control.dtype == bool
     with pytest.raises(DataError, match="outside"):
         st.read_crop(0, 100, 0, 256)

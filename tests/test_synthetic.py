@@ -1,5 +1,6 @@
 """Synthetic screen: layout rules, determinism, speed-independent shape checks, and that the biology and the
 batch effects are really in the pixels (acceptance B)."""
+
 import importlib.resources
 
 import numpy as np
@@ -9,8 +10,8 @@ import pytest
 from vitally_jax.data.render import save_montage
 from vitally_jax.data.store import ImageStore
 from vitally_jax.data.synthetic import build_world, generate_screen, preset, render_wells
-from vitally_jax.errors import ConfigError
 from vitally_jax.embedding.image_stats import FEATURES, image_statistics, store_image_statistics
+from vitally_jax.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +124,17 @@ def test_phenotype_moves_statistics():
 
     r = Renderer(64, 6.0, 14, seed=0)
     b = 16
-    im = Imaging(*(np.ones(s, np.float32) if k in (0, 5, 6) else np.zeros(s, np.float32)
-                   for k, s in enumerate([(b, 6), (b, 6), (b, 2), b, b, b, b])))
+    im = Imaging(
+        *(
+            np.ones(s, np.float32) if k in (0, 5, 6) else np.zeros(s, np.float32)
+            for k, s in enumerate([(b, 6), (b, 6), (b, 2), b, b, b, b])
+        )
+    )
     z = np.zeros((2 * b, 12), np.float32)
     z[b:, 0] = 2.5  # bigger nuclei
-    imgs = np.concatenate([r.render(z[:b], im, np.random.default_rng(0)), r.render(z[b:], im, np.random.default_rng(1))])
+    imgs = np.concatenate(
+        [r.render(z[:b], im, np.random.default_rng(0)), r.render(z[b:], im, np.random.default_rng(1))]
+    )
     fg = image_statistics(imgs)[:, FEATURES.index("fg_fraction")]  # DNA foreground fraction
     assert fg[b:].mean() > 1.3 * fg[:b].mean()
 
@@ -153,8 +160,14 @@ def test_image_statistics_match_direct_numpy():
             v = x[b, ..., c].astype(np.float64)
             q = np.quantile(v, [0.1, 0.5, 0.9, 0.99], method="inverted_cdf")
             fg = v > q[0] + 0.25 * (q[3] - q[0])
-            want = [v.mean(), v.std(), *q, fg.mean(), v[fg].mean(),
-                    np.abs(np.diff(v, axis=0)).mean() + np.abs(np.diff(v, axis=1)).mean(),
-                    np.abs(4 * v[1:-1, 1:-1] - v[:-2, 1:-1] - v[2:, 1:-1] - v[1:-1, :-2] - v[1:-1, 2:]).mean(),
-                    v.reshape(5, 4, 6, 4).mean((1, 3)).std()]
+            want = [
+                v.mean(),
+                v.std(),
+                *q,
+                fg.mean(),
+                v[fg].mean(),
+                np.abs(np.diff(v, axis=0)).mean() + np.abs(np.diff(v, axis=1)).mean(),
+                np.abs(4 * v[1:-1, 1:-1] - v[:-2, 1:-1] - v[2:, 1:-1] - v[1:-1, :-2] - v[1:-1, 2:]).mean(),
+                v.reshape(5, 4, 6, 4).mean((1, 3)).std(),
+            ]
             np.testing.assert_allclose(f[b, c], want, rtol=1e-5, atol=1e-4)

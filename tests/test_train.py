@@ -1,5 +1,5 @@
 """Acceptance A (loss falls), C (straight == interrupted + resumed, bitwise), SIGTERM, divergence, one compile."""
-import importlib.util
+
 import json
 import os
 import pathlib
@@ -12,18 +12,12 @@ import numpy as np
 import pytest
 
 from vitally_jax import checkpoint as ckpt
+from vitally_jax import config_lib
 from vitally_jax.errors import TrainingDivergedError
 from vitally_jax.train import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 40
-
-
-def load_config(name, arg=""):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +28,7 @@ def screen(tmp_path_factory):
 
 
 def tiny(screen, **changes):
-    c = load_config("tiny")
+    c = config_lib.load("tiny")
     c.input.store = str(screen)
     c.input.synthetic = None
     c.total_steps = STEPS
@@ -128,8 +122,9 @@ def test_divergence_raises_and_keeps_last_good_checkpoint(screen, straight, tmp_
     mesh = sharding.make_mesh((-1, 1, 1))
     _, abs_state, state_sh, _, _ = train.build_abstract(c, train.model_config(c), mesh)
     src = ckpt.make_manager(wd / "checkpoints", keep=3)
-    m, o, _ = ckpt.restore(src, 20, ckpt.abstract_like(abs_state[0], state_sh[0]),
-                           ckpt.abstract_like(abs_state[1], state_sh[1]))
+    m, o, _ = ckpt.restore(
+        src, 20, ckpt.abstract_like(abs_state[0], state_sh[0]), ckpt.abstract_like(abs_state[1], state_sh[1])
+    )
     src.close()
     m = jax.tree.map(lambda x: jax.device_put(np.asarray(x) * np.float32(1e30), x.sharding), m)
     dst = ckpt.make_manager(tmp_path / "checkpoints", keep=3)
@@ -144,24 +139,46 @@ def test_divergence_raises_and_keeps_last_good_checkpoint(screen, straight, tmp_
 
 
 def test_runlocal_shrinks_every_paper_config():
-    for name, variant, batch, lr, dp in (("vitg8", "G/8", 8192, 3e-5, 0.6), ("vitl8", "L/8", 16384, 3e-5, 0.3),
-                                         ("vits16", "CA-S/16", 2048, 1e-4, 0.1)):
-        c = load_config(name)
+    for name, variant, batch, lr, dp in (
+        ("vitg8", "G/8", 8192, 3e-5, 0.6),
+        ("vitl8", "L/8", 16384, 3e-5, 0.3),
+        ("vits16", "CA-S/16", 2048, 1e-4, 0.1),
+    ):
+        c = config_lib.load(name)
         assert (c.model.variant, c.input.global_batch, c.optax.peak_lr, c.model.drop_path_rate) == (
-            variant, batch, lr, dp)
+            variant,
+            batch,
+            lr,
+            dp,
+        )
         assert (c.optax.b1, c.optax.b2, c.optax.weight_decay, c.optax.pct_start) == (0.9, 0.95, 0.05, 0.1)
         assert (c.model.mask_ratio, c.model.fourier_weight, c.input.crop) == (0.75, 0.01, 256)
-        local = load_config(name, "runlocal")
+        local = config_lib.load(name, "runlocal")
         assert local.input.global_batch <= 16 and local.input.crop <= 64 and local.input.synthetic == "tiny"
         assert local.model.variant.endswith("mu/8")
-        assert load_config(name, "runlocal,steps=7").total_steps == 7
+        assert config_lib.load(name, "runlocal,steps=7").total_steps == 7
+
+
+def test_every_model_key_of_the_config_reaches_the_model_config():
+    from vitally_jax import train
+    from vitally_jax.errors import ConfigError
+
+    c = config_lib.load("tiny")
+    m = train.model_config(c)
+    assert (m.encoder.img_size, m.encoder.drop_path_rate, m.mask_ratio, m.decoder_depth) == (32, 0.1, 0.75, 1)
+    c.model.qk_norm = False  # a model option the config files do not declare: no list to extend anywhere
+    c.model.decoder_mlp_ratio = 2.0
+    m = train.model_config(c)
+    assert (m.encoder.qk_norm, m.decoder_mlp_ratio) == (False, 2.0)
+    c.model.decoder_depth = None  # None = the variant's value
+    assert train.model_config(c).decoder_depth == 2
+    c.model.no_such_option = 1
+    with pytest.raises(ConfigError, match=r"model: unknown MAE option\(s\) \['no_such_option'\]"):
+        train.model_config(c)
 
 
 def test_aot_memory_tool_compiles_the_train_step_from_abstract_inputs(screen):
-    spec = importlib.util.spec_from_file_location("aot_memory", ROOT / "tools" / "aot_memory.py")
-    aot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(aot)
-    from vitally_jax import sharding
+    from vitally_jax import aot, sharding
 
     c = tiny(screen)
     row = aot.analyse(c, sharding.make_mesh((-1, 1, 1)))
@@ -182,8 +199,14 @@ def test_main_entry_point(screen, straight, tmp_path):
     base = [sys.executable, "-m", "vitally_jax.main", "--config=configs/tiny.py"]
     r = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 3 and r.stderr.strip().splitlines()[-1] == "error: --workdir: required (output folder)"
-    r = subprocess.run(base + [f"--workdir={tmp_path}", "--config.input.store=/nonexistent/store"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        base + [f"--workdir={tmp_path}", "--config.input.store=/nonexistent/store"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 4 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "nonexistent" in r.stderr
     import pandas as pd
 
@@ -191,9 +214,21 @@ def test_main_entry_point(screen, straight, tmp_path):
     index = tmp_path / "curated.parquet"
     pd.DataFrame({"image_id": ids}).to_parquet(index)
     wd = tmp_path / "wd"  # not tmp_path itself: the index lives there, and a workdir never holds a user's files
-    r = subprocess.run(base + [f"--workdir={wd}", f"--config.input.store={screen}", f"--config.input.index={index}",
-                               f"--config.total_steps={STEPS}", "--config.stop_after_steps=2"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        base
+        + [
+            f"--workdir={wd}",
+            f"--config.input.store={screen}",
+            f"--config.input.index={index}",
+            f"--config.total_steps={STEPS}",
+            "--config.stop_after_steps=2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step 2/40" in r.stdout and "ETA" in r.stdout
     assert (wd / "checkpoints" / "2" / "commit_success.txt").exists()
@@ -209,7 +244,19 @@ def test_analytic_flops_match_the_paper():
     assert flops.encoder_forward_flops(1025, 1664, 48, 8192, 8, 6) == pytest.approx(4.1e12, rel=0.02)
     # one block by hand: fused in-proj, attention, out-proj, mlp-out
     n, d, h = 10, 8, 32
-    assert flops.parallel_block_flops(n, d, h) == 2 * n * d * (h + 3 * d) + 4 * n * n * d + 2 * n * d * d + 2 * n * h * d
-    train = flops.mae_train_flops_per_image(num_patches=1024, mask_ratio=0.75, width=1664, depth=48, mlp=8192,
-                                            patch=8, in_chans=6, dec_width=512, dec_depth=8, dec_mlp=2048)
+    assert (
+        flops.parallel_block_flops(n, d, h) == 2 * n * d * (h + 3 * d) + 4 * n * n * d + 2 * n * d * d + 2 * n * h * d
+    )
+    train = flops.mae_train_flops_per_image(
+        num_patches=1024,
+        mask_ratio=0.75,
+        width=1664,
+        depth=48,
+        mlp=8192,
+        patch=8,
+        in_chans=6,
+        dec_width=512,
+        dec_depth=8,
+        dec_mlp=2048,
+    )
     assert 3 * 0.97e12 < train < 3 * 1.1e12  # 3 x (encoder on visible + a small decoder on all tokens)

@@ -23,6 +23,7 @@ vitally_jax; an output equal to or inside the input is refused.
 Exit codes: 0 ok, 6 weight file problems (missing/unexpected/wrongly shaped keys, unreadable file), 3 bad options,
 5 checkpoint problems, 8 unwritable output, 10 output refused. `--debug` shows tracebacks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,24 +33,37 @@ LAYOUTS = ("timm-vit", "openphenom", "dinov2", "export")
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Convert public PyTorch weights (OpenPhenom, timm ViT, DINOv2) to "
-                                             "Orbax encoder exports or timm-compatible safetensors, and back.")
+    ap = argparse.ArgumentParser(
+        description="Convert public PyTorch weights (OpenPhenom, timm ViT, DINOv2) to "
+        "Orbax encoder exports or timm-compatible safetensors, and back."
+    )
     ap.add_argument("input", help="weight file (.safetensors, .pth/.pt/.bin/.ckpt, .npz) or Orbax export folder")
     ap.add_argument("--layout", required=True, choices=LAYOUTS, help="layout of the input")
     ap.add_argument("--to", required=True, choices=("orbax", "safetensors"), help="output format")
     ap.add_argument("output", help="output folder (orbax) or .safetensors file")
-    ap.add_argument("--mlp-bias", default="legacy", choices=("legacy", "new"),
-                    help="mlp_bias semantics of the input: legacy = timm <= 1.0.24 (Recursion), new = timm >= 1.0.25")
-    ap.add_argument("--out-mlp-bias", default=None, choices=("legacy", "new"),
-                    help="mlp_bias semantics of a safetensors output (default: same as --mlp-bias)")
+    ap.add_argument(
+        "--mlp-bias",
+        default="legacy",
+        choices=("legacy", "new"),
+        help="mlp_bias semantics of the input: legacy = timm <= 1.0.24 (Recursion), new = timm >= 1.0.25",
+    )
+    ap.add_argument(
+        "--out-mlp-bias",
+        default=None,
+        choices=("legacy", "new"),
+        help="mlp_bias semantics of a safetensors output (default: same as --mlp-bias)",
+    )
     ap.add_argument("--prefix", default="", help="timm-vit: key prefix of the encoder inside the file")
     ap.add_argument("--variant", default=None, help="check the geometry, e.g. 'CA-S/16', 'L/8', 'L/14' (DINOv2)")
     ap.add_argument("--num-blocks", type=int, default=None, help="orbax: keep only the first N blocks (b*)")
     ap.add_argument("--encoder-only", action="store_true", help="openphenom -> safetensors: timm encoder only")
     ap.add_argument("--decoder-heads", type=int, default=16, help="openphenom: decoder block heads (not in the file)")
     ap.add_argument("--dinov2-layout", default="timm", choices=("timm", "meta"), help="dinov2 safetensors layout")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="replace an output of the same kind written by vitally_jax (nothing else is replaced)")
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output of the same kind written by vitally_jax (nothing else is replaced)",
+    )
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap
 
@@ -57,11 +71,12 @@ def _parser() -> argparse.ArgumentParser:
 def convert(args) -> int:
     from flax import nnx
 
+    from vitally_jax import interop as export  # export_timm_vit, export_openphenom, export_dinov2
     from vitally_jax.errors import ConfigError
     from vitally_jax.fileio import check_output
-    from vitally_jax.interop import export, openphenom, timm_vit
-    from vitally_jax.interop.readers import SAFETENSORS_KIND
     from vitally_jax.interop import dinov2 as dino
+    from vitally_jax.interop import openphenom, timm_vit
+    from vitally_jax.interop.readers import SAFETENSORS_KIND
 
     out_bias = args.out_mlp_bias or args.mlp_bias
     if args.num_blocks is not None and args.to != "orbax":
@@ -74,8 +89,10 @@ def convert(args) -> int:
 
     if args.layout == "dinov2":
         if args.to == "orbax":
-            raise ConfigError("--layout dinov2: Orbax encoder exports hold our ViT encoders; write DINOv2 models "
-                              "with --to safetensors")
+            raise ConfigError(
+                "--layout dinov2: Orbax encoder exports hold our ViT encoders; write DINOv2 models "
+                "with --to safetensors"
+            )
         model = dino.load_dinov2(args.input, variant=args.variant)
         path = export.export_dinov2(args.output, model, layout=args.dinov2_layout, overwrite=args.overwrite)
         return _report(path, model)
@@ -90,7 +107,7 @@ def convert(args) -> int:
     if args.layout == "export":
         from vitally_jax.checkpoint import load_encoder
 
-        encoder, _ = load_encoder(args.input)
+        encoder, _, _ = load_encoder(args.input)
     else:
         prefix = openphenom.ENC if args.layout == "openphenom" else args.prefix
         encoder = timm_vit.load_timm_vit(args.input, mlp_bias=args.mlp_bias, prefix=prefix, variant=args.variant)

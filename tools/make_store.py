@@ -11,6 +11,7 @@ refused, and an existing image store is replaced only with `--overwrite` (see do
 Exit codes: 0 ok, 3 bad configuration, 4 bad data, 8 unwritable output, 10 output refused
 (see vitally_jax/errors.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,15 +67,29 @@ def main(argv=None) -> int:
     j.add_argument("--limit", type=int, default=None)
     for p in (s, r, j):
         p.add_argument("--montage", default=None, help="write a PNG montage of the first 16 wells")
-        p.add_argument("--overwrite", action="store_true",
-                       help="replace an image store (and montage) already at the output path; nothing else is "
-                            "ever replaced")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace an image store (and montage) already at the output path; nothing else is ever replaced",
+        )
     args = ap.parse_args(argv)
 
     if args.montage:  # refused before any work, like the store itself
-        check_output(args.montage, MONTAGE_KIND, overwrite=args.overwrite,
-                     inputs=[p for p in (getattr(args, "image_root", None), getattr(args, "metadata_csv", None),
-                                         getattr(args, "load_data_csv", None), args.out) if p])
+        check_output(
+            args.montage,
+            MONTAGE_KIND,
+            overwrite=args.overwrite,
+            inputs=[
+                p
+                for p in (
+                    getattr(args, "image_root", None),
+                    getattr(args, "metadata_csv", None),
+                    getattr(args, "load_data_csv", None),
+                    args.out,
+                )
+                if p
+            ],
+        )
     t0 = time.perf_counter()
     if args.cmd == "synthetic":
         over = _parse_set(args.set)
@@ -82,24 +97,42 @@ def main(argv=None) -> int:
             over["seed"] = args.seed
         path = synthetic.generate_screen(args.out, synthetic.preset(args.preset, **over), overwrite=args.overwrite)
     elif args.cmd == "rxrx":
-        path = importers.import_rxrx(args.metadata_csv, args.image_root, args.out, path_template=args.template,
-                                     concentration_unit=args.concentration_unit, limit=args.limit,
-                                     overwrite=args.overwrite)
+        path = importers.import_rxrx(
+            args.metadata_csv,
+            args.image_root,
+            args.out,
+            path_template=args.template,
+            concentration_unit=args.concentration_unit,
+            limit=args.limit,
+            overwrite=args.overwrite,
+        )
     else:
-        path = importers.import_jump(args.load_data_csv, args.out, image_root=args.image_root,
-                                     perturbations=args.perturbations, perturbation_type=args.perturbation_type,
-                                     limit=args.limit, overwrite=args.overwrite)
+        path = importers.import_jump(
+            args.load_data_csv,
+            args.out,
+            image_root=args.image_root,
+            perturbations=args.perturbations,
+            perturbation_type=args.perturbation_type,
+            limit=args.limit,
+            overwrite=args.overwrite,
+        )
     st = ImageStore.open(path)
     m = st.metadata
-    print(f"{path}: {st.shape[0]} images of {st.shape[1]}x{st.shape[2]}x{st.shape[3]} "
-          f"({', '.join(st.channel_names)}), {m.plate.nunique()} plates, {m.experiment.nunique()} experiments, "
-          f"{int(m.is_control.sum())} control wells, {m.perturbation[~m.is_control].nunique()} perturbations "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"{path}: {st.shape[0]} images of {st.shape[1]}x{st.shape[2]}x{st.shape[3]} "
+        f"({', '.join(st.channel_names)}), {m.plate.nunique()} plates, {m.experiment.nunique()} experiments, "
+        f"{int(m.is_control.sum())} control wells, {m.perturbation[~m.is_control].nunique()} perturbations "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     if args.montage:
         order = np.argsort(m.is_control.to_numpy(), kind="stable")[:16]
         imgs = np.stack([st.read(int(i)) for i in order])
-        save_montage(imgs, args.montage, labels=[f"{m.experiment[i]} {m.perturbation[i]}" for i in order],
-                     overwrite=args.overwrite)
+        save_montage(
+            imgs,
+            args.montage,
+            labels=[f"{m.experiment[i]} {m.perturbation[i]}" for i in order],
+            overwrite=args.overwrite,
+        )
         print(f"montage: {args.montage}")
     return 0
 

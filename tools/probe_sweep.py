@@ -7,16 +7,16 @@ image statistics) into `OUT/embeddings/<source>` (resumable), averages per well,
 regression probes on every block for two tasks (perturbation identity across held-out experiments; functional
 gene groups from CORUM complexes, cross-validated over genes), and writes `OUT/sweep.csv`, `OUT/sweep.json`
 (table, b* per task and overall) and `OUT/sweep.png`. `--trim PATH` exports the encoder cut to the overall b*
-(final norm kept) for `vitally_jax.load_encoder`.
+(final norm kept) for `vitally_jax.load_encoder`, with its readout: block b* and the `--pooling` of the sweep.
 """
+
 from __future__ import annotations
 
 import argparse
-import os
-import pathlib
 import sys
 
 from vitally_jax.cli import run_cli
+from vitally_jax.embedding.blocks import DEFAULT_PROBE_POOLING, POOLINGS
 from vitally_jax.errors import ConfigError
 
 
@@ -25,7 +25,12 @@ def _parse(argv):
     p.add_argument("--encoder", required=True, help="encoder export folder (vitally_jax.load_encoder)")
     p.add_argument("--store", required=True, help="image store folder")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--pooling", default="mean", choices=["cls", "cls_norm", "mean", "mean_norm"])
+    p.add_argument(
+        "--pooling",
+        default=DEFAULT_PROBE_POOLING,
+        choices=POOLINGS,
+        help=f"the pooling probed, and recorded in the --trim export's readout (default {DEFAULT_PROBE_POOLING})",
+    )
     p.add_argument("--tasks", default="perturbation,gene_groups")
     p.add_argument("--baselines", default="random_init,image_stats", help="comma-separated, or 'none'")
     p.add_argument("--backend", default="jax", choices=["jax", "sklearn"], help="logistic-regression backend")
@@ -40,9 +45,12 @@ def _parse(argv):
     p.add_argument("--chunk-images", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="random-init baseline and fold seed")
     p.add_argument("--trim", default=None, metavar="PATH", help="export the encoder trimmed to the overall b*")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a finished sweep at --out (built beside it, swapped in when done) and an encoder "
-                        "export at --trim; nothing that vitally_jax did not write is replaced")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished sweep at --out (built beside it, swapped in when done) and an encoder "
+        "export at --trim; nothing that vitally_jax did not write is replaced",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -52,17 +60,15 @@ def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
 
     def work():
-        import jax
+        from vitally_jax.cli import setup_compilation_cache
 
-        cache = os.environ.get("VITALLY_JAX_CACHE", str(pathlib.Path.home() / ".cache" / "vitally_jax" / "jax_cc"))
-        if not jax.config.jax_compilation_cache_dir:
-            jax.config.update("jax_compilation_cache_dir", cache)
+        setup_compilation_cache()
         from flax import nnx
 
         from vitally_jax.checkpoint import EXPORT_KIND, export_encoder, load_encoder
         from vitally_jax.fileio import check_output
-        from vitally_jax.probes.sweep import check_sweep_folder as start_sweep_folder_check
         from vitally_jax.probes.linear import make_probe
+        from vitally_jax.probes.sweep import check_sweep_folder as start_sweep_folder_check
         from vitally_jax.probes.sweep import sweep_screen
 
         baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
@@ -74,22 +80,52 @@ def main(argv=None) -> int:
         start_sweep_folder_check(args.out, overwrite=args.overwrite, inputs=inputs)
         if args.trim:
             check_output(args.trim, EXPORT_KIND, overwrite=args.overwrite, inputs=inputs + [args.out])
-        enc, cfg = load_encoder(args.encoder)
-        options = {"perturbation": {"test_fraction": args.test_fraction},
-                   "gene_groups": {"min_size": args.group_min_size, "max_size": args.group_max_size,
-                                   "max_groups": args.max_groups, "n_splits": args.folds, "seed": args.seed}}
-        table, b_star = sweep_screen(enc, args.store, args.out, pooling=args.pooling, baselines=baselines,
-                                     tasks=tasks, probe=make_probe(args.backend, C=args.C), task_options=options,
-                                     crop=args.crop, batch_size=args.batch_size, chunk_images=args.chunk_images,
-                                     seed=args.seed, progress=not args.no_progress, overwrite=args.overwrite)
+        enc, cfg, _ = load_encoder(args.encoder)
+        options = {
+            "perturbation": {"test_fraction": args.test_fraction},
+            "gene_groups": {
+                "min_size": args.group_min_size,
+                "max_size": args.group_max_size,
+                "max_groups": args.max_groups,
+                "n_splits": args.folds,
+                "seed": args.seed,
+            },
+        }
+        table, b_star = sweep_screen(
+            enc,
+            args.store,
+            args.out,
+            pooling=args.pooling,
+            baselines=baselines,
+            tasks=tasks,
+            probe=make_probe(args.backend, C=args.C),
+            task_options=options,
+            crop=args.crop,
+            batch_size=args.batch_size,
+            chunk_images=args.chunk_images,
+            seed=args.seed,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
         best = table.loc[table.groupby(["source", "task"])["score"].idxmax()]
         print(best.rename(columns={"block": "best_block", "score": "balanced_accuracy"}).to_string(index=False))
         print("b*: " + ", ".join(f"{k}={v}" for k, v in b_star.items()) + f" (of {cfg.depth} blocks)")
         print(f"wrote {args.out}/sweep.csv, sweep.json, sweep.png")
         if args.trim:
-            path = export_encoder(args.trim, nnx.state(enc), cfg, num_blocks=b_star["overall"],
-                                  overwrite=args.overwrite, inputs=inputs + [args.out])
-            print(f"wrote {path}: encoder trimmed to {b_star['overall']} blocks")
+            readout = {"blocks": [b_star["overall"]], "pooling": [args.pooling]}
+            path = export_encoder(
+                args.trim,
+                nnx.state(enc),
+                cfg,
+                num_blocks=b_star["overall"],
+                readout=readout,
+                overwrite=args.overwrite,
+                inputs=inputs + [args.out],
+            )
+            print(
+                f"wrote {path}: encoder trimmed to {b_star['overall']} blocks, read out at block "
+                f"{b_star['overall']} with {args.pooling} pooling"
+            )
         return 0
 
     return run_cli(work, debug=args.debug)

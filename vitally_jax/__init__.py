@@ -12,6 +12,7 @@ Public API (imported lazily so that `import vitally_jax` stays cheap):
 Subpackages: `models` (architectures), `data` (stores, pipelines, synthetic screens, importers), `embedding`,
 `probes`, `curation`, `benchmarks`, `interop` (PyTorch weight formats), `demo` (the embedded default).
 """
+
 from __future__ import annotations
 
 import importlib

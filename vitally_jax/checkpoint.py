@@ -21,12 +21,17 @@ checkpoint, N and M and says how to continue; it is not taken for damage, so no 
 (Each process reads all N saved states: the checkpoint folder is shared, as Orbax requires anyway.)
 
 An encoder export is a folder `PATH/` with `params/` (Orbax StandardSave of the `ViTEncoder` state) and
-`encoder.json` (the `ViTConfig` and versions). Downstream users load it with one call, on any device count,
+`encoder.json` (the `ViTConfig`, the readout and versions). The readout, `{"blocks": [b, ...], "pooling":
+[name, ...]}`, is what the export is meant to be read out at: the block search's b* and the pooling it was
+validated with for an export trimmed by tools/probe_sweep.py, by default the final block and
+`vitally_jax.embedding.blocks.DEFAULT_POOLING`. Downstream users load it with one call, on any device count,
 without training code::
 
-    enc, cfg = vitally_jax.load_encoder("runs/g8/encoder")
+    enc, cfg, readout = vitally_jax.load_encoder("runs/g8/encoder")
     out = enc(images_standardized)            # dict: tokens, blocks (per-block pooled embeddings)
+    emb = vitally_jax.embed(enc, images)      # {pooling: (N, blocks, D)} at the readout's blocks and pooling
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +39,7 @@ import json
 import logging
 import pathlib
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -41,7 +47,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from vitally_jax.errors import CheckpointError
+from vitally_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("vitally_jax.checkpoint")
 
@@ -57,13 +63,19 @@ def versions() -> dict[str, str]:
 
     import vitally_jax
 
-    return {"vitally_jax": vitally_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
-            "optax": optax.__version__, "orbax": getattr(ocp, "__version__", "?")}
+    return {
+        "vitally_jax": vitally_jax.__version__,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "orbax": getattr(ocp, "__version__", "?"),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Training checkpoints
 # ------------------------------------------------------------------------------------------------------------
+
 
 def make_manager(directory: str | pathlib.Path, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
     """An Orbax CheckpointManager over `directory` with items model/opt/data/meta, keeping the last `keep`."""
@@ -71,13 +83,15 @@ def make_manager(directory: str | pathlib.Path, *, keep: int, async_save: bool =
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options, item_names=ITEMS)
 
 
-def save(manager: ocp.CheckpointManager, step: int, model_state, opt_state, data_iterator, meta: dict, *,
-         force: bool = False) -> bool:
+def save(
+    manager: ocp.CheckpointManager, step: int, model_state, opt_state, data_iterator, meta: dict, *, force: bool = False
+) -> bool:
     """Save asynchronously (returns once device buffers are copied; the write continues in the background)."""
     import grain
 
-    items = dict(model=ocp.args.StandardSave(model_state), opt=ocp.args.StandardSave(opt_state),
-                 meta=ocp.args.JsonSave(meta))
+    items = dict(
+        model=ocp.args.StandardSave(model_state), opt=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave(meta)
+    )
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -97,8 +111,13 @@ def _processes(n: int) -> str:
 
 
 def _plain_position(state) -> bool:
-    return (isinstance(state, dict) and set(state) == {"next_index"} and isinstance(state["next_index"], int)
-            and not isinstance(state["next_index"], bool) and state["next_index"] >= 0)
+    return (
+        isinstance(state, dict)
+        and set(state) == {"next_index"}
+        and isinstance(state["next_index"], int)
+        and not isinstance(state["next_index"], bool)
+        and state["next_index"] >= 0
+    )
 
 
 def remap_data_state(states: list, process_count: int, current_state, *, source: str) -> dict:
@@ -115,7 +134,8 @@ def remap_data_state(states: list, process_count: int, current_state, *, source:
         raise DataLayoutError(
             f"{source}: the data iterator state of {_processes(n_old)} cannot be carried over to "
             f"{_processes(process_count)} ({reason}); resume with {_processes(n_old)}, or move {source}/data "
-            "aside to restart the data stream from its seed")
+            "aside to restart the data stream from its seed"
+        )
 
     if not all(_plain_position(s) for s in states):
         refuse("a saved state is not a plain position {'next_index': n}")
@@ -144,8 +164,7 @@ def _saved_data_states(data_dir: pathlib.Path, count: int | None, source: str) -
         try:
             states.append(json.loads(f.read_text()))
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{f}: unreadable data iterator state ({' '.join(str(e).split())[:200]})") \
-                from None
+            raise CheckpointError(f"{f}: unreadable data iterator state ({' '.join(str(e).split())[:200]})") from None
     return states
 
 
@@ -177,13 +196,19 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_model, abstract_
     try:
         out = manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{source}: does not match this model/optimizer "
-                              f"({' '.join(str(e).split())[:300]})") from None
+        raise CheckpointError(
+            f"{source}: does not match this model/optimizer ({' '.join(str(e).split())[:300]})"
+        ) from None
     if remapped is not None:
         data_iterator.set_state(remapped)
         data_iterator.start_prefetch()
-        log.info("%s: data iterator state of %d processes mapped onto %d (next_index %d)", source, saved_count,
-                 jax.process_count(), remapped["next_index"])
+        log.info(
+            "%s: data iterator state of %d processes mapped onto %d (next_index %d)",
+            source,
+            saved_count,
+            jax.process_count(),
+            remapped["next_index"],
+        )
     meta["data_restored"] = bool(data_iterator is not None and has_data)
     meta["data_remapped_from"] = saved_count if remapped is not None else None
     return out["model"], out["opt"], meta
@@ -226,13 +251,16 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_model, abstract_opt,
                 multihost_utils.sync_global_devices("restore_latest: unusable checkpoints moved")
             manager.reload()
         return step, model_state, opt_state, meta
-    raise CheckpointError(f"{manager.directory}: no usable checkpoint ({len(steps)} tried; step {failed[0][0]}: "
-                          f"{failed[0][1][:200]}); move the folder away to start over")
+    raise CheckpointError(
+        f"{manager.directory}: no usable checkpoint ({len(steps)} tried; step {failed[0][0]}: "
+        f"{failed[0][1][:200]}); move the folder away to start over"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Encoder export / load
 # ------------------------------------------------------------------------------------------------------------
+
 
 def _config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
@@ -246,8 +274,9 @@ def _config_from_dict(cls, d: dict, source: str):
     kw = {}
     for k, v in d.items():
         default = fields[k].default
-        kw[k] = tuple(v) if isinstance(v, list) and (isinstance(default, tuple) or default is dataclasses.MISSING) \
-            else v
+        kw[k] = (
+            tuple(v) if isinstance(v, list) and (isinstance(default, tuple) or default is dataclasses.MISSING) else v
+        )
     return cls(**kw)
 
 
@@ -261,15 +290,27 @@ def trim_encoder_state(state, depth: int, num_blocks: int):
         if "blocks" in names and x.ndim >= 1 and x.shape[0] == depth:
             return x[:num_blocks]
         return x
+
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def export_encoder(path: str | pathlib.Path, encoder_state, vit_cfg, *, num_blocks: int | None = None,
-                   overwrite: bool = False, inputs=()) -> pathlib.Path:
-    """Write an encoder-only export (parameters + `ViTConfig`) to `path`, atomically.
+def export_encoder(
+    path: str | pathlib.Path,
+    encoder_state,
+    vit_cfg,
+    *,
+    num_blocks: int | None = None,
+    readout: Mapping | None = None,
+    overwrite: bool = False,
+    inputs=(),
+) -> pathlib.Path:
+    """Write an encoder-only export (parameters + `ViTConfig` + readout) to `path`, atomically.
 
     `encoder_state`: `nnx.state(encoder)` (sharded or not; every process calls this with the same path).
     `num_blocks`: trim to the first b blocks (the paper's b*); the exported config then has depth b.
+    `readout`: `{"blocks": b or [b, ...], "pooling": name or [names]}`, blocks of the exported depth; a missing
+    missing blocks default to every block of the exported depth (no choice made: embed() keeps returning all
+    blocks), a missing pooling to `DEFAULT_POOLING`. Recorded in encoder.json.
     Written into `.NAME.partial` next to `path` by all processes, then swapped in by process 0. An existing
     encoder export at `path` is replaced only with `overwrite=True` (and only once the new one is complete);
     anything else at `path`, or a `path` inside one of `inputs`, is refused (`OutputError`).
@@ -283,6 +324,8 @@ def export_encoder(path: str | pathlib.Path, encoder_state, vit_cfg, *, num_bloc
     if num_blocks is not None:
         encoder_state = trim_encoder_state(encoder_state, vit_cfg.depth, num_blocks)
         vit_cfg = dataclasses.replace(vit_cfg, depth=num_blocks)
+    readout = {"blocks": range(1, vit_cfg.depth + 1), **dict(readout or {})}
+    readout = _readout(vit_cfg.depth, readout, "readout")
     tmp = path.with_name(f".{path.name}.partial")  # ours: a hidden name no user chooses
     if jax.process_index() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -292,19 +335,30 @@ def export_encoder(path: str | pathlib.Path, encoder_state, vit_cfg, *, num_bloc
         ckptr.save(tmp / "params", encoder_state)
         ckptr.wait_until_finished()
     if jax.process_index() == 0:
-        doc = {ARTEFACT_KEY: EXPORT_KIND, "format": EXPORT_FORMAT, "kind": "vitally_jax encoder",
-               "vit_config": _config_to_dict(vit_cfg), "versions": versions()}
+        doc = {
+            ARTEFACT_KEY: EXPORT_KIND,
+            "format": EXPORT_FORMAT,
+            "kind": "vitally_jax encoder",
+            "vit_config": _config_to_dict(vit_cfg),
+            "readout": {"blocks": list(readout.blocks), "pooling": list(readout.pooling)},
+            "versions": versions(),
+        }
         (tmp / "encoder.json").write_text(json.dumps(doc, indent=1))
         swap_in(tmp, path)
     multihost_utils.sync_global_devices("export_encoder:done")
     return path
 
 
-def read_export_config(path: str | pathlib.Path):
-    """The `ViTConfig` of an export (no arrays read)."""
-    from vitally_jax.models.vit import ViTConfig
+def _readout(depth: int, d: Mapping, source: str):
+    """A validated `Readout` from {"blocks": ..., "pooling": ...} (missing entries: the defaults)."""
+    from vitally_jax.models.readout import make_readout
 
-    path = pathlib.Path(path)
+    if not isinstance(d, Mapping) or set(d) - {"blocks", "pooling"}:
+        raise ConfigError(f"{source}: expected a mapping with 'blocks' and 'pooling', got {d!r}")
+    return make_readout(depth, d.get("blocks"), d.get("pooling"))
+
+
+def _read_export_doc(path: pathlib.Path) -> dict:
     meta = path / "encoder.json"
     if not (path / "params").is_dir() or not meta.is_file():
         raise CheckpointError(f"{path}: not an encoder export (expected params/ and encoder.json)")
@@ -314,18 +368,48 @@ def read_export_config(path: str | pathlib.Path):
         raise CheckpointError(f"{meta}: unreadable JSON ({e})") from None
     if doc.get("format") != EXPORT_FORMAT or "vit_config" not in doc:
         raise CheckpointError(f"{meta}: expected format {EXPORT_FORMAT} with a vit_config, got {doc.get('format')}")
-    return _config_from_dict(ViTConfig, doc["vit_config"], str(meta))
+    return doc
 
 
-def load_encoder(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, Any]:
-    """Load an encoder export -> (`ViTEncoder`, `ViTConfig`), on one device (default) or replicated over `mesh`.
+def read_export_config(path: str | pathlib.Path):
+    """The `ViTConfig` of an export (no arrays read)."""
+    from vitally_jax.models.vit import ViTConfig
 
+    path = pathlib.Path(path)
+    return _config_from_dict(ViTConfig, _read_export_doc(path)["vit_config"], str(path / "encoder.json"))
+
+
+def read_export_readout(path: str | pathlib.Path) -> dict[str, tuple]:
+    """The readout of an export, `{"blocks": (b, ...), "pooling": (name, ...)}` (no arrays read).
+
+    Exports written before readouts were recorded: every block of their depth and `DEFAULT_POOLING`."""
+    path = pathlib.Path(path)
+    doc = _read_export_doc(path)
+    depth = read_export_config(path).depth
+    if "readout" not in doc:
+        return _readout(depth, {"blocks": range(1, depth + 1)}, "").as_dict()
+    try:
+        return _readout(depth, doc["readout"], "readout").as_dict()
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'encoder.json'}: readout: {e}") from None
+
+
+def load_encoder(
+    path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None
+) -> tuple[Any, Any, dict[str, tuple]]:
+    """Load an encoder export -> (`ViTEncoder`, `ViTConfig`, readout), on one device (default) or replicated
+    over `mesh`.
+
+    The readout is `{"blocks": (b, ...), "pooling": (name, ...)}` (see `read_export_readout`); the encoder
+    carries it as `encoder.readout`, so `vitally_jax.embed(encoder, images)` reads it out there by default.
     Works on any device and process count, whatever mesh the export was written from.
     """
+    from vitally_jax.models.readout import Readout
     from vitally_jax.models.vit import ViTEncoder
 
     path = pathlib.Path(path).absolute()
     cfg = read_export_config(path)
+    readout = read_export_readout(path)
     abstract = nnx.eval_shape(lambda: ViTEncoder(cfg, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
     if mesh is None:
@@ -337,9 +421,12 @@ def load_encoder(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = N
         with ocp.StandardCheckpointer() as ckptr:
             state = ckptr.restore(path / "params", target)
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}/params: does not match its encoder.json config "
-                              f"({' '.join(str(e).split())[:300]})") from None
-    return nnx.merge(graphdef, state), cfg
+        raise CheckpointError(
+            f"{path}/params: does not match its encoder.json config ({' '.join(str(e).split())[:300]})"
+        ) from None
+    encoder = nnx.merge(graphdef, state)
+    encoder.readout = Readout(**readout)
+    return encoder, cfg, readout
 
 
 def state_to_numpy(state) -> dict:

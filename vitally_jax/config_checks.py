@@ -11,6 +11,7 @@ was expected, e.g. `config.optax.peak_lr: nan; expected a finite number > 0`.
 `check_store`, which reads the store's description (or the synthetic preset's image size); only then is the
 workdir created. `train_and_evaluate` runs the same checks for library callers.
 """
+
 from __future__ import annotations
 
 import math
@@ -117,34 +118,44 @@ def check_values(config, prefix: str = "config.") -> None:
         check_value(config, key, kind, optional, prefix)
     total, pct = config.total_steps, config.optax.pct_start
     if total < 2:
-        raise ConfigError(f"{prefix}total_steps: {total}; expected at least 2 (the one-cycle schedule warms up, "
-                          "then decays)")
+        raise ConfigError(
+            f"{prefix}total_steps: {total}; expected at least 2 (the one-cycle schedule warms up, then decays)"
+        )
     if pct * total <= 1.0:  # vitally_jax.optim: the warm-up ends at step pct_start * total_steps - 1 > 0
-        raise ConfigError(f"{prefix}optax.pct_start: {_show(pct)}; with {prefix}total_steps {total} the warm-up "
-                          f"is {pct * total:g} steps, expected more than 1 (pct_start * total_steps > 1)")
+        raise ConfigError(
+            f"{prefix}optax.pct_start: {_show(pct)}; with {prefix}total_steps {total} the warm-up "
+            f"is {pct * total:g} steps, expected more than 1 (pct_start * total_steps > 1)"
+        )
 
     from vitally_jax.models.vit import vit_config  # the variant's patch size (no arrays, nothing compiled)
 
     enc = vit_config(config.model.variant)
     patch, crop = enc.patch_size, config.input.crop
     if crop % patch:
-        raise ConfigError(f"{prefix}input.crop: {crop}; expected a multiple of the patch size {patch} "
-                          f"(model.variant {config.model.variant!r})")
+        raise ConfigError(
+            f"{prefix}input.crop: {crop}; expected a multiple of the patch size {patch} "
+            f"(model.variant {config.model.variant!r})"
+        )
     tokens = (crop // patch) ** 2 * (config.model.in_chans if enc.channel_agnostic else 1)
     ratio = config.model.mask_ratio
-    visible = int(tokens * (1 - ratio))  # vitally_jax.models.vit.random_masking
+    visible = int(tokens * (1 - ratio))  # vitally_jax.models.layers.random_masking
     if not 1 <= visible < tokens:
-        raise ConfigError(f"{prefix}model.mask_ratio: {_show(ratio)}; expected a ratio that leaves at least one of "
-                          f"the {tokens} patch tokens visible and masks at least one (this one leaves {visible} "
-                          "visible)")
+        raise ConfigError(
+            f"{prefix}model.mask_ratio: {_show(ratio)}; expected a ratio that leaves at least one of "
+            f"the {tokens} patch tokens visible and masks at least one (this one leaves {visible} "
+            "visible)"
+        )
 
 
 def check_mesh(config, mesh) -> None:
     """The global batch splits evenly over the mesh's data x fsdp devices."""
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    from vitally_jax.sharding import data_parallel_size
+
+    n = data_parallel_size(mesh)
     if config.input.global_batch % n:
-        raise ConfigError(f"input.global_batch {config.input.global_batch}: must be divisible by the mesh's "
-                          f"data x fsdp = {n} devices")
+        raise ConfigError(
+            f"input.global_batch {config.input.global_batch}: must be divisible by the mesh's data x fsdp = {n} devices"
+        )
 
 
 def check_crop(config, image_hw: tuple[int, int], where: str, prefix: str = "config.") -> None:

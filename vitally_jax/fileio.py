@@ -19,6 +19,7 @@ encoder exports, training and demo workdirs):
 
 Resuming (training, embedding) reopens an artefact of the same kind without `overwrite`; only replacing needs it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +32,8 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from vitally_jax.errors import OutputError, ResourceError
 
@@ -48,18 +50,33 @@ class FolderKind:
     entries: tuple[str, ...]
 
 
-FOLDERS: dict[str, FolderKind] = {k.name: k for k in (
-    FolderKind("image store", "store.json",
-               ("store.json", "images.zarr", "metadata.parquet",
-                "genes.parquet", "compound_targets.parquet", "world_pairs.parquet")),  # + synthetic ground truth
-    FolderKind("embedding store", "embedding.json", ("embedding.json", "*.zarr", "metadata.parquet", "done")),
-    FolderKind("encoder export", "encoder.json", ("encoder.json", "params")),
-    FolderKind("probe sweep", "sweep.json",
-               ("sweep.json", "sweep.csv", "sweep.png", "embeddings", "pooling_sensitivity.parquet")),
-    FolderKind("benchmark report", "summary.json", ("summary.json", "*.csv", "*.png", "report.md")),
-    FolderKind("training workdir", "workdir.json", ("*",)),  # resumed, never replaced
-    FolderKind("demo workdir", "workdir.json", ("*",)),  # resumed stage by stage, never replaced
-)}
+FOLDERS: dict[str, FolderKind] = {
+    k.name: k
+    for k in (
+        FolderKind(
+            "image store",
+            "store.json",
+            (
+                "store.json",
+                "images.zarr",
+                "metadata.parquet",
+                "genes.parquet",
+                "compound_targets.parquet",
+                "world_pairs.parquet",
+            ),
+        ),  # + synthetic ground truth
+        FolderKind("embedding store", "embedding.json", ("embedding.json", "*.zarr", "metadata.parquet", "done")),
+        FolderKind("encoder export", "encoder.json", ("encoder.json", "params")),
+        FolderKind(
+            "probe sweep",
+            "sweep.json",
+            ("sweep.json", "sweep.csv", "sweep.png", "embeddings", "pooling_sensitivity.parquet"),
+        ),
+        FolderKind("benchmark report", "summary.json", ("summary.json", "*.csv", "*.png", "report.md")),
+        FolderKind("training workdir", "workdir.json", ("*",)),  # resumed, never replaced
+        FolderKind("demo workdir", "workdir.json", ("*",)),  # resumed stage by stage, never replaced
+    )
+}
 
 
 # ------------------------------------------------------------------------------------------- recognising -----
@@ -127,7 +144,7 @@ def file_kind(path: str | os.PathLike) -> str | None:
             for opening in ("<!-- ", "# "):
                 head = f"{opening}{TAG}: "
                 if first.startswith(head):
-                    return first[len(head):].split(" -->")[0].strip()
+                    return first[len(head) :].split(" -->")[0].strip()
             return None
         if suffix == ".h5ad":
             import h5py
@@ -158,8 +175,14 @@ def _resolved(p: str | os.PathLike) -> pathlib.Path:
     return pathlib.Path(os.path.realpath(os.fspath(p)))
 
 
-def check_output(path: str | os.PathLike, kind: str, *, overwrite: bool = False,
-                 inputs: Iterable[str | os.PathLike | None] = (), resume: bool = False) -> bool:
+def check_output(
+    path: str | os.PathLike,
+    kind: str,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    resume: bool = False,
+) -> bool:
     """Refuse an output path that is not ours to write (see the module docstring); True if it exists already.
 
     `kind`: a folder kind in `FOLDERS`, or any name for a single file. `resume=True`: an existing artefact of the
@@ -196,8 +219,10 @@ def check_output(path: str | os.PathLike, kind: str, *, overwrite: bool = False,
             raise OutputError(f"{raw}: a {kind} is already here; pass --overwrite to replace it")
         foreign = [e for e in entries if not any(fnmatch.fnmatch(e, p) for p in FOLDERS[kind].entries)]
         if foreign:
-            raise OutputError(f"{raw}: the {kind} also holds {foreign[:5]} that vitally_jax did not write; "
-                              "move them away before replacing it")
+            raise OutputError(
+                f"{raw}: the {kind} also holds {foreign[:5]} that vitally_jax did not write; "
+                "move them away before replacing it"
+            )
         return True
     if raw.is_dir():
         raise OutputError(f"{raw}: is a folder; expected a file path for the {kind}")
@@ -308,11 +333,13 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[pa
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path`, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path`, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 

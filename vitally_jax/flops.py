@@ -7,6 +7,7 @@ left out (a few % at most).
 Check against the paper: a G/8 encoder forward over 257 visible tokens is ~1 TFLOP per crop, over all 1,025
 tokens ~4.1 TFLOP (`encoder_forward_flops(257, 1664, 48, 8192, ...)`).
 """
+
 from __future__ import annotations
 
 
@@ -21,17 +22,28 @@ def standard_block_flops(n: int, d: int, mlp: int) -> float:
     return 2.0 * n * d * 3 * d + 4.0 * n * n * d + 2.0 * n * d * d + 4.0 * n * d * mlp
 
 
-def encoder_forward_flops(tokens: int, width: int, depth: int, mlp: int, patch: int, in_chans: int,
-                          *, channel_agnostic: bool = False) -> float:
+def encoder_forward_flops(
+    tokens: int, width: int, depth: int, mlp: int, patch: int, in_chans: int, *, channel_agnostic: bool = False
+) -> float:
     """Encoder forward on `tokens` tokens (incl. CLS) per image; the patch embedding runs on the visible
     patches only (tokens - 1). For channel-agnostic patching each token sees one channel (p*p inputs)."""
     per_token_in = patch * patch * (1 if channel_agnostic else in_chans)
     return 2.0 * (tokens - 1) * per_token_in * width + depth * parallel_block_flops(tokens, width, mlp)
 
 
-def decoder_forward_flops(tokens: int, enc_width: int, dec_width: int, dec_depth: int, dec_mlp: int,
-                          patch: int, out_chans: int, *, channel_agnostic: bool = False, visible: int | None = None,
-                          num_channels: int = 1) -> float:
+def decoder_forward_flops(
+    tokens: int,
+    enc_width: int,
+    dec_width: int,
+    dec_depth: int,
+    dec_mlp: int,
+    patch: int,
+    out_chans: int,
+    *,
+    channel_agnostic: bool = False,
+    visible: int | None = None,
+    num_channels: int = 1,
+) -> float:
     """MAE decoder forward on all `tokens` (incl. CLS): projection of the visible latents, blocks, prediction.
 
     Channel-agnostic (OpenPhenom) decoder: a shared cross-attention + MLP over all tokens, then one block stack
@@ -52,15 +64,35 @@ def decoder_forward_flops(tokens: int, enc_width: int, dec_width: int, dec_depth
     return f
 
 
-def mae_train_flops_per_image(*, num_patches: int, mask_ratio: float, width: int, depth: int, mlp: int,
-                              patch: int, in_chans: int, dec_width: int, dec_depth: int, dec_mlp: int,
-                              channel_agnostic: bool = False) -> float:
+def mae_train_flops_per_image(
+    *,
+    num_patches: int,
+    mask_ratio: float,
+    width: int,
+    depth: int,
+    mlp: int,
+    patch: int,
+    in_chans: int,
+    dec_width: int,
+    dec_depth: int,
+    dec_mlp: int,
+    channel_agnostic: bool = False,
+) -> float:
     """FLOPs of one MAE training step per image: 3 x (encoder on the visible tokens + decoder on all)."""
     visible = int(num_patches * (1 - mask_ratio)) + 1
     enc = encoder_forward_flops(visible, width, depth, mlp, patch, in_chans, channel_agnostic=channel_agnostic)
-    dec = decoder_forward_flops(num_patches + 1, width, dec_width, dec_depth, dec_mlp, patch,
-                                in_chans if not channel_agnostic else 1, channel_agnostic=channel_agnostic,
-                                visible=visible, num_channels=in_chans)
+    dec = decoder_forward_flops(
+        num_patches + 1,
+        width,
+        dec_width,
+        dec_depth,
+        dec_mlp,
+        patch,
+        in_chans if not channel_agnostic else 1,
+        channel_agnostic=channel_agnostic,
+        visible=visible,
+        num_channels=in_chans,
+    )
     return 3.0 * (enc + dec)
 
 
@@ -79,4 +111,4 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 3) -> float:
         t = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 / best
+    return 2.0 * n**3 / best

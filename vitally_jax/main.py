@@ -9,6 +9,7 @@ errors). Multi-host: one process per host; `jax.distributed.initialize` is calle
 Dispatch on `config.job`: "train" (MAE pretraining) or "demo" (the embedded-default pipeline). Config values
 are checked (`vitally_jax.config_checks`) before the workdir is created and before anything is compiled.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,15 +83,14 @@ def _run() -> int:
     try:
         _init_distributed()
     except (KeyError, ValueError) as e:
-        raise ConfigError(f"multi-host settings: incomplete or invalid ({e}); give coordinator address, "
-                          "number of processes and process id") from None
-    import jax
-
+        raise ConfigError(
+            f"multi-host settings: incomplete or invalid ({e}); give coordinator address, "
+            "number of processes and process id"
+        ) from None
     # persistent compilation cache: restarts and resumes skip recompiling the step
-    cache = os.environ.get("VITALLY_JAX_COMPILATION_CACHE",
-                           os.path.join(os.path.expanduser("~"), ".cache", "vitally_jax", "jax_cc"))
-    if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
+    from vitally_jax.cli import setup_compilation_cache
+
+    setup_compilation_cache()
     if config.job == "train":  # ... then the mesh over the devices, then crop vs the store's images
         from vitally_jax import sharding
 
@@ -127,8 +127,10 @@ def _config_file_error(argv):
     from vitally_jax.errors import ConfigError
 
     given = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
-    return ConfigError(f"--config={given}: config file not found or not loadable (expected a Python file defining "
-                       "get_config, e.g. configs/tiny.py)")
+    return ConfigError(
+        f"--config={given}: config file not found or not loadable (expected a Python file defining "
+        "get_config, e.g. configs/tiny.py)"
+    )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -144,8 +146,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         except flags.Error as e:
             raise ConfigError(f"command line: {' '.join(str(e).split())}") from None
         except (AttributeError, KeyError) as e:
-            raise ConfigError(f"--config: no such config key {_config_key_message(e)}; overrides must name "
-                              "keys declared in the config file") from None
+            raise ConfigError(
+                f"--config: no such config key {_config_key_message(e)}; overrides must name "
+                "keys declared in the config file"
+            ) from None
         except OSError:
             raise _config_file_error(argv) from None
 
@@ -156,6 +160,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv) -> None:
+    """absl entry point: flags -> config -> train or demo, with one-line errors (see `run_cli`)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from vitally_jax.cli import run_cli

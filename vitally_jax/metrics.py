@@ -5,6 +5,7 @@ Only process 0 writes. `MetricWriter(workdir)` appends one JSON object per logge
 under `WORKDIR/tb`. On resume, `truncate_after(step)` drops lines logged after the restored checkpoint so the
 file never holds two histories.
 """
+
 from __future__ import annotations
 
 import json
@@ -104,8 +105,13 @@ class Progress:
         print(self.line(step, scalars), file=self.stream, flush=True)
 
 
-def save_reconstruction_png(path: str | pathlib.Path, original: np.ndarray, masked: np.ndarray,
-                            reconstruction: np.ndarray, channel_names: list[str] | None = None) -> None:
+def save_reconstruction_png(
+    path: str | pathlib.Path,
+    original: np.ndarray,
+    masked: np.ndarray,
+    reconstruction: np.ndarray,
+    channel_names: list[str] | None = None,
+) -> None:
     """One row per (image, channel): original | masked input | reconstruction (masked tokens filled in).
 
     original, masked, reconstruction: (B, H, W, C) float (self-standardised units). Colour range per row is
@@ -123,8 +129,9 @@ def save_reconstruction_png(path: str | pathlib.Path, original: np.ndarray, mask
         for ch in range(c):
             r = i * c + ch
             lo, hi = np.percentile(original[i, :, :, ch], [1, 99])
-            for j, (img, title) in enumerate(((original, "original"), (masked, "masked"),
-                                              (reconstruction, "reconstruction"))):
+            for j, (img, title) in enumerate(
+                ((original, "original"), (masked, "masked"), (reconstruction, "reconstruction"))
+            ):
                 ax = axes[r, j]
                 ax.imshow(img[i, :, :, ch], cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
                 ax.set_xticks([])

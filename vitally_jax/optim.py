@@ -14,9 +14,10 @@ Usage::
     tx, schedules = make_optimizer(config.optax, total_steps=config.total_steps)
     lr_at_step_10 = schedules["lr"](10)
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,8 @@ def _one_cycle(start: float, mid: float, end: float, total_steps: int, pct_start
     if end1 <= 0.0 or end2 <= end1:
         raise ConfigError(
             f"optax.pct_start={pct_start} with total_steps={total_steps}: the warm-up must span at least 2 steps "
-            "and leave at least one step of decay")
+            "and leave at least one step of decay"
+        )
 
     def schedule(step):
         s = jnp.asarray(step, jnp.float32)
@@ -59,15 +61,17 @@ def _one_cycle(start: float, mid: float, end: float, total_steps: int, pct_start
     return schedule
 
 
-def one_cycle_lr(peak: float, total_steps: int, *, pct_start: float = 0.1, div_factor: float = 25.0,
-                 final_div_factor: float = 1e4) -> Schedule:
+def one_cycle_lr(
+    peak: float, total_steps: int, *, pct_start: float = 0.1, div_factor: float = 25.0, final_div_factor: float = 1e4
+) -> Schedule:
     """Learning rate of PyTorch OneCycleLR (cosine, two phases) as a function of the optimiser step."""
     initial = peak / div_factor
     return _one_cycle(initial, peak, initial / final_div_factor, total_steps, pct_start)
 
 
-def one_cycle_b1(total_steps: int, *, pct_start: float = 0.1, base_momentum: float = 0.85,
-                 max_momentum: float = 0.95) -> Schedule:
+def one_cycle_b1(
+    total_steps: int, *, pct_start: float = 0.1, base_momentum: float = 0.85, max_momentum: float = 0.95
+) -> Schedule:
     """b1 of PyTorch OneCycleLR with `cycle_momentum=True`: max -> base during warm-up, base -> max after."""
     return _one_cycle(max_momentum, base_momentum, max_momentum, total_steps, pct_start)
 
@@ -88,20 +92,30 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
     """
     if cfg.name not in ("lion", "adamw"):
         raise ConfigError(f"optax.name: expected 'lion' (the paper's optimiser) or 'adamw', got {cfg.name!r}")
-    lr = one_cycle_lr(cfg.peak_lr, total_steps, pct_start=cfg.pct_start, div_factor=cfg.div_factor,
-                      final_div_factor=cfg.final_div_factor)
+    lr = one_cycle_lr(
+        cfg.peak_lr,
+        total_steps,
+        pct_start=cfg.pct_start,
+        div_factor=cfg.div_factor,
+        final_div_factor=cfg.final_div_factor,
+    )
     if cfg.cycle_momentum:
-        b1 = one_cycle_b1(total_steps, pct_start=cfg.pct_start, base_momentum=cfg.base_momentum,
-                          max_momentum=cfg.max_momentum)
+        b1 = one_cycle_b1(
+            total_steps, pct_start=cfg.pct_start, base_momentum=cfg.base_momentum, max_momentum=cfg.max_momentum
+        )
     else:
         b1_const = float(cfg.b1)
         b1 = lambda step: jnp.full((), b1_const, jnp.float32)  # noqa: E731
     # AdamW (the MAE paper's optimiser) takes ~3-10x Lion's learning rate; both decay weights decoupled (lr * wd)
     base = optax.lion if cfg.name == "lion" else optax.adamw
     lion = optax.inject_hyperparams(base, static_args=("mask", "mu_dtype"))(
-        learning_rate=lr, b1=b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+        learning_rate=lr,
+        b1=b1,
+        b2=cfg.b2,
+        weight_decay=cfg.weight_decay,
         mask=None if cfg.decay_1d else _decay_mask,
-        mu_dtype=None if cfg.mu_dtype is None else jnp.dtype(cfg.mu_dtype))
+        mu_dtype=None if cfg.mu_dtype is None else jnp.dtype(cfg.mu_dtype),
+    )
     parts = []
     if cfg.grad_clip_norm is not None:
         if cfg.grad_clip_norm <= 0:

@@ -15,16 +15,18 @@ A rule's PartitionSpec names the TRAILING dimensions of a parameter; leading dim
 axis of scanned blocks, per-channel decoder stacks) are never sharded. A dimension that the mesh axis size does
 not divide falls back to replication.
 """
+
 from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vitally_jax.errors import ConfigError
 
@@ -33,7 +35,7 @@ BATCH_AXES = ("data", "fsdp")
 
 # (regex over 'a/b/c' state paths, spec of the trailing dims). First match wins; no match: replicated.
 DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
-    (r"(^|/)in_proj$", ("fsdp", "model")),                       # (D, H+3D): heads/mlp over 'model'
+    (r"(^|/)in_proj$", ("fsdp", "model")),  # (D, H+3D): heads/mlp over 'model'
     (r"(^|/)(fc1_bias|q_bias|k_bias|v_bias)$", ("model",)),
     (r"(^|/)(attn_out|mlp_out|proj|fc2)/kernel$", ("model", "fsdp")),
     (r"(^|/)(qkv|fc1|kv|q)/kernel$", ("fsdp", "model")),
@@ -43,8 +45,9 @@ DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
 )
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = AXES,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+    shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = AXES, devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
     """Mesh over all (or the given) devices with Auto axis types; one entry of `shape` may be -1."""
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
@@ -92,14 +95,28 @@ def spec_for(path: str, shape: tuple[int, ...], mesh, rules=None) -> P:
 
 def param_shardings(abstract_state, mesh, rules=None):
     """NamedShardings for every leaf of an NNX state (arrays or ShapeDtypeStructs), same tree structure."""
+
     def one(path, leaf):
         return NamedSharding(mesh, spec_for(_path_str(path), tuple(leaf.shape), mesh, rules))
+
     return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
+def batch_axes(mesh) -> tuple[str, ...]:
+    """The batch axes ('data', 'fsdp') that `mesh` has, in that order."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def data_parallel_size(mesh) -> int:
+    """Number of batch shards of `mesh`: the product of its 'data' and 'fsdp' sizes (absent axes count 1)."""
+    shape = dict(mesh.shape)
+    return int(math.prod(shape[a] for a in batch_axes(mesh)))
+
+
 def batch_sharding(mesh) -> NamedSharding:
-    """Leading (batch) axis over ('data', 'fsdp'), everything else replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+    """Leading (batch) axis over the mesh's ('data', 'fsdp') axes (those present), everything else replicated."""
+    axes = batch_axes(mesh)
+    return NamedSharding(mesh, P(axes if axes else None))
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
@@ -110,7 +127,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or not all(a in mesh.axis_names for a in BATCH_AXES):
         return x
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    n = data_parallel_size(mesh)
     if n == 1 or x.shape[0] % n:
         return x
     return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
@@ -123,7 +140,7 @@ def map_batch_shards(f: Callable, *xs: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or not all(a in mesh.axis_names for a in BATCH_AXES):
         return f(*xs)
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    n = data_parallel_size(mesh)
     if n == 1 or any(x.shape[0] % n for x in xs):
         return f(*xs)
     spec = P(BATCH_AXES)

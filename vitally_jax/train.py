@@ -3,9 +3,10 @@
 Sections: logging, mesh, input, model, sharding, update step, checkpoint, loop. The update step is a functional
 `jax.jit` over the split NNX state of (model, optimizer) with pinned in/out shardings and donation: it compiles
 once. Randomness per step is `fold_in(seed_key, step)`, so a run resumed from a checkpoint continues exactly as
-an uninterrupted one. The small builders above `train_and_evaluate` are shared with `tools/aot_memory.py`, which
-compiles the same step ahead of time for pod-scale memory planning.
+an uninterrupted one. The small builders above `train_and_evaluate` are shared with `vitally_jax.aot` (AOT
+compilation), which compiles the same step ahead of time for pod-scale memory planning.
 """
+
 from __future__ import annotations
 
 import collections
@@ -19,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vitally_jax import checkpoint as ckpt
-from vitally_jax import flops as flops_lib
 from vitally_jax import config_checks, fileio, optim, sharding
+from vitally_jax import flops as flops_lib
 from vitally_jax import metrics as metrics_lib
 from vitally_jax.errors import ConfigError, TrainingDivergedError
 
@@ -42,24 +44,21 @@ jax.monitoring.register_event_duration_secs_listener(_count_lowerings)
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Builders (shared with tools/aot_memory.py)
+# Builders (shared with vitally_jax.aot)
 # ------------------------------------------------------------------------------------------------------------
 
+
 def model_config(config):
-    """`MAEConfig` from the config's `model` and `input` sections."""
+    """`MAEConfig` from the config's `model` section (every key but `variant` is a `mae_config` override; None =
+    the variant's value) and `input.crop` (the image size); a key `mae_config` does not know is refused there."""
     from vitally_jax.models.mae import mae_config
 
-    m = config.model
-    overrides = dict(img_size=config.input.crop, in_chans=m.in_chans, drop_path_rate=m.drop_path_rate,
-                     dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl, mask_ratio=m.mask_ratio,
-                     fourier_weight=m.fourier_weight, fourier=m.fourier)
-    for k in ("decoder_depth", "decoder_width", "decoder_heads", "width", "depth", "num_heads", "mlp_dim",
-              "init_values"):
-        if m.get(k) is not None:  # None (or absent) = the variant's value
-            overrides[k] = m[k]
-    if m.variant.startswith("CA-"):
-        overrides["decoder_channels"] = m.in_chans  # one decoder stack per training channel
-    return mae_config(m.variant, **overrides)
+    overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    variant = overrides.pop("variant")
+    overrides["img_size"] = config.input.crop
+    if variant.startswith("CA-"):
+        overrides["decoder_channels"] = config.model.in_chans  # one decoder stack per training channel
+    return mae_config(variant, **overrides)
 
 
 def build_abstract(config, mae_cfg, mesh):
@@ -103,9 +102,15 @@ def make_train_step(graphdef, mae_cfg, schedules, *, use_drop_path: bool):
         (loss, out), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         opt.update(model, grads)
         gnorm = optax.tree.norm(grads)
-        metrics = {"loss": loss, "loss_rec": out["loss_rec"], "loss_fourier": out["loss_fourier"],
-                   "grad_norm": gnorm, "lr": schedules["lr"](step), "b1": schedules["b1"](step),
-                   "finite": jnp.isfinite(loss) & jnp.isfinite(gnorm)}
+        metrics = {
+            "loss": loss,
+            "loss_rec": out["loss_rec"],
+            "loss_fourier": out["loss_fourier"],
+            "grad_norm": gnorm,
+            "lr": schedules["lr"](step),
+            "b1": schedules["b1"](step),
+            "finite": jnp.isfinite(loss) & jnp.isfinite(gnorm),
+        }
         return nnx.state((model, opt)), metrics
 
     return train_step
@@ -115,13 +120,17 @@ def jit_train_step(train_step, state_sh, mesh):
     """jit with pinned shardings: state as `state_sh`, batch over ('data','fsdp'), key and metrics replicated."""
     rep = NamedSharding(mesh, P())
     batch_sh = {"image": sharding.batch_sharding(mesh)}
-    return jax.jit(train_step, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
-                   donate_argnums=0)
+    return jax.jit(train_step, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
 
 
 def _meta(config, step: int, mesh) -> dict:
-    return {"step": int(step), "config": config.to_dict(), "mesh": dict(mesh.shape),
-            "process_count": jax.process_count(), "versions": ckpt.versions()}
+    return {
+        "step": int(step),
+        "config": config.to_dict(),
+        "mesh": dict(mesh.shape),
+        "process_count": jax.process_count(),
+        "versions": ckpt.versions(),
+    }
 
 
 def _split_state(state):
@@ -138,6 +147,7 @@ def _join_state(abs_state, model_state, opt_state):
 # The trainer
 # ------------------------------------------------------------------------------------------------------------
 
+
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     """Train (or resume) the MAE described by `config` in `workdir`.
 
@@ -153,8 +163,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
         if fileio.folder_kind(workdir) is None:
             fileio.write_marker(workdir, WORKDIR_KIND, created_by="vitally_jax.train")
-    log.info("devices: %d (%d local), processes: %d", jax.device_count(), jax.local_device_count(),
-             jax.process_count())
+    log.info("devices: %d (%d local), processes: %d", jax.device_count(), jax.local_device_count(), jax.process_count())
 
     # ---------------------------------------------------------------------------------------- mesh --------
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
@@ -166,9 +175,16 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     config_checks.check_mesh(config, mesh)
     store = pipeline.ImageStore.open(_resolve_store(config, workdir))
     config_checks.check_crop(config, store.shape[1:3], f"the store {store.path}")
-    dataset = pipeline.train_dataset(store, crop=config.input.crop, global_batch=config.input.global_batch,
-                                     seed=config.seed, index=config.input.index, flips=config.input.flips,
-                                     rot90=config.input.rot90, in_memory=bool(config.input.get("in_memory", False)))
+    dataset = pipeline.train_dataset(
+        store,
+        crop=config.input.crop,
+        global_batch=config.input.global_batch,
+        seed=config.seed,
+        index=config.input.index,
+        flips=config.input.flips,
+        rot90=config.input.rot90,
+        in_memory=bool(config.input.get("in_memory", False)),
+    )
     data_iter = iter(pipeline.global_batches(dataset, mesh))
     channel_names = list(store.channel_names)
 
@@ -182,17 +198,18 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     seed_key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=NamedSharding(mesh, P()))()
 
     # ---------------------------------------------------------------------------------------- update step -
-    train_step = jit_train_step(make_train_step(graphdef, mae_cfg, schedules,
-                                                use_drop_path=mae_cfg.encoder.drop_path_rate > 0),
-                                state_sh, mesh)
+    train_step = jit_train_step(
+        make_train_step(graphdef, mae_cfg, schedules, use_drop_path=mae_cfg.encoder.drop_path_rate > 0), state_sh, mesh
+    )
 
     # metrics files appear only once the input and the model are known to be usable (no empty event files)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=config.log.tensorboard)
     progress = metrics_lib.Progress(config.total_steps)
 
     # ---------------------------------------------------------------------------------------- checkpoint --
-    manager = ckpt.make_manager(workdir / "checkpoints", keep=config.checkpoint.keep,
-                                async_save=config.checkpoint.async_save)
+    manager = ckpt.make_manager(
+        workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
     restored = None
     if manager.latest_step() is not None:  # newest usable checkpoint; damaged newer ones are skipped with a warning
         abs_model = ckpt.abstract_like(abs_state[0], state_sh[0])
@@ -207,8 +224,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         start, m_state, o_state, meta = restored
         state = _join_state(abs_state, m_state, o_state)
         if not meta["data_restored"]:
-            log.warning("checkpoint of step %d has no data iterator state: data stream restarts from its seed",
-                        start)
+            log.warning("checkpoint of step %d has no data iterator state: data stream restarts from its seed", start)
         writer.truncate_after(start)
         log.info("resumed from step %d", start)
     stop_requested = {"flag": False}
@@ -221,8 +237,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     # ---------------------------------------------------------------------------------------- loop --------
     peak = config.log.peak_flops_per_device or flops_lib.measure_matmul_flops()
     step, last, stopped = start, {}, "done"
-    budget_end = config.total_steps if config.stop_after_steps is None else min(
-        config.total_steps, start + config.stop_after_steps)
+    budget_end = (
+        config.total_steps
+        if config.stop_after_steps is None
+        else min(config.total_steps, start + config.stop_after_steps)
+    )
     finite_acc = jnp.asarray(True)
     recon_batch, recon_fn = None, None
     t_last, s_last = time.perf_counter(), start
@@ -248,30 +267,36 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                 if due_log or due_ckpt:
                     host = {k: _local(v) for k, v in metrics.items()}
                     if not bool(_local(finite_acc)):
-                        raise TrainingDivergedError(_diverged_message(config, step, float(host["loss"]), workdir,
-                                                                      manager.latest_step()))
+                        raise TrainingDivergedError(
+                            _diverged_message(config, step, float(host["loss"]), workdir, manager.latest_step())
+                        )
                 if due_log:
                     last = {k: float(v) for k, v in host.items() if k != "finite"}
                     now = time.perf_counter()
                     if step > start + 1:  # the first step of a run includes compilation: no throughput for it
                         ips = (step - s_last) * config.input.global_batch / max(now - t_last, 1e-9)
-                        last.update({"images_per_s": ips, "tokens_per_s": ips * num_tokens(mae_cfg),
-                                     "mfu": ips * flops_per_image / (peak * jax.device_count())})
+                        last.update(
+                            {
+                                "images_per_s": ips,
+                                "tokens_per_s": ips * num_tokens(mae_cfg),
+                                "mfu": ips * flops_per_image / (peak * jax.device_count()),
+                            }
+                        )
                     else:
                         progress.start(step)
                     t_last, s_last = now, step
                     writer.write(step, last)
                     if is_main:
-                        progress.print(step, {k: last[k] for k in ("loss", "lr", "grad_norm", "images_per_s")
-                                              if k in last})
+                        progress.print(
+                            step, {k: last[k] for k in ("loss", "lr", "grad_norm", "images_per_s") if k in last}
+                        )
                 if config.log.recon_every_steps and step % config.log.recon_every_steps == 0:
                     if recon_fn is None:
                         recon_fn = make_recon_fn(graphdef, mae_cfg, config.seed)
                     _reconstruction_png(recon_fn, state, recon_batch, mae_cfg, step, workdir, is_main, channel_names)
                 if due_ckpt:
                     m_state, o_state = _split_state(state)
-                    ckpt.save(manager, step, m_state, o_state, data_iter, _meta(config, step, mesh),
-                              force=True)
+                    ckpt.save(manager, step, m_state, o_state, data_iter, _meta(config, step, mesh), force=True)
                 if stopped == "signal":
                     break
         if stopped != "signal" and step < config.total_steps:
@@ -279,22 +304,31 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         manager.wait_until_finished()
         if config.checkpoint.export_encoder and step >= config.total_steps:
             model, _ = nnx.merge(graphdef, state)
-            ckpt.export_encoder(workdir / "encoder", nnx.state(model.encoder), mae_cfg.encoder,
-                                overwrite=True)  # its own export inside its own workdir
+            ckpt.export_encoder(
+                workdir / "encoder", nnx.state(model.encoder), mae_cfg.encoder, overwrite=True
+            )  # its own export inside its own workdir
     finally:
         manager.wait_until_finished()
         manager.close()
         writer.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-    return {"step": step, "metrics": last, "compiles": _LOWERINGS["jit(train_step)"] - lowerings_before,
-            "stopped": stopped,
-            "state": state, "graphdef": graphdef, "mae_config": mae_cfg, "mesh": mesh}
+    return {
+        "step": step,
+        "metrics": last,
+        "compiles": _LOWERINGS["jit(train_step)"] - lowerings_before,
+        "stopped": stopped,
+        "state": state,
+        "graphdef": graphdef,
+        "mae_config": mae_cfg,
+        "mesh": mesh,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Helpers of the loop
 # ------------------------------------------------------------------------------------------------------------
+
 
 def _diverged_message(config, step: int, loss: float, workdir: pathlib.Path, last_good: int | None) -> str:
     """What a non-finite loss means for this workdir: which checkpoint is left to resume from, if any."""
@@ -304,9 +338,11 @@ def _diverged_message(config, step: int, loss: float, workdir: pathlib.Path, las
     else:
         kept = f"the last good checkpoint in {where} (step {last_good}) is intact"
     clip = config.optax.grad_clip_norm
-    return (f"non-finite loss or gradient by step {step} (loss {loss}); {kept}: lower config.optax.peak_lr "
-            f"({config.optax.peak_lr:g}) or {'set' if clip is None else 'lower'} config.optax.grad_clip_norm "
-            f"({'None' if clip is None else format(clip, 'g')})")
+    return (
+        f"non-finite loss or gradient by step {step} (loss {loss}); {kept}: lower config.optax.peak_lr "
+        f"({config.optax.peak_lr:g}) or {'set' if clip is None else 'lower'} config.optax.grad_clip_norm "
+        f"({'None' if clip is None else format(clip, 'g')})"
+    )
 
 
 def _barrier(name: str, timeout_s: int = 3600) -> None:
@@ -368,9 +404,18 @@ def _resolve_store(config, workdir: pathlib.Path) -> pathlib.Path:
 def _train_flops(mae_cfg) -> float:
     e = mae_cfg.encoder
     return flops_lib.mae_train_flops_per_image(
-        num_patches=e.num_patches, mask_ratio=mae_cfg.mask_ratio, width=e.width, depth=e.depth, mlp=e.mlp_dim,
-        patch=e.patch_size, in_chans=e.in_chans, dec_width=mae_cfg.decoder_width, dec_depth=mae_cfg.decoder_depth,
-        dec_mlp=mae_cfg.decoder_width * 4, channel_agnostic=e.channel_agnostic)
+        num_patches=e.num_patches,
+        mask_ratio=mae_cfg.mask_ratio,
+        width=e.width,
+        depth=e.depth,
+        mlp=e.mlp_dim,
+        patch=e.patch_size,
+        in_chans=e.in_chans,
+        dec_width=mae_cfg.decoder_width,
+        dec_depth=mae_cfg.decoder_depth,
+        dec_mlp=mae_cfg.decoder_width * 4,
+        channel_agnostic=e.channel_agnostic,
+    )
 
 
 def make_recon_fn(graphdef, mae_cfg, seed: int):
@@ -394,8 +439,9 @@ def _reconstruction_png(recon_fn, state, batch, mae_cfg, step, workdir, is_main,
     from vitally_jax.models.layers import unpatchify
 
     x, pred, mask = recon_fn(state, batch["image"])
-    x, pred, mask = (multihost_utils.process_allgather(a, tiled=True) if not a.is_fully_addressable else a
-                     for a in (x, pred, mask))
+    x, pred, mask = (
+        multihost_utils.process_allgather(a, tiled=True) if not a.is_fully_addressable else a for a in (x, pred, mask)
+    )
     if not is_main:
         return
     x, pred, mask = np.asarray(x), np.asarray(pred), np.asarray(mask)
@@ -403,8 +449,13 @@ def _reconstruction_png(recon_fn, state, batch, mae_cfg, step, workdir, is_main,
     b, h, w, c = x.shape
     g = (h // e.patch_size, w // e.patch_size)
     if e.channel_agnostic:
-        rec = np.concatenate([np.asarray(unpatchify(pred[:, i * g[0] * g[1]:(i + 1) * g[0] * g[1]], e.patch_size, g, 1))
-                              for i in range(c)], axis=-1)
+        rec = np.concatenate(
+            [
+                np.asarray(unpatchify(pred[:, i * g[0] * g[1] : (i + 1) * g[0] * g[1]], e.patch_size, g, 1))
+                for i in range(c)
+            ],
+            axis=-1,
+        )
         m = mask.reshape(b, c, g[0], g[1]).transpose(0, 2, 3, 1)
         m = np.repeat(np.repeat(m, e.patch_size, 1), e.patch_size, 2)
     else:
@@ -412,5 +463,6 @@ def _reconstruction_png(recon_fn, state, batch, mae_cfg, step, workdir, is_main,
         m = np.repeat(np.repeat(mask.reshape(b, g[0], g[1], 1), e.patch_size, 1), e.patch_size, 2)
     masked = np.where(m > 0, np.nan, x)
     filled = np.where(m > 0, rec, x)
-    metrics_lib.save_reconstruction_png(workdir / "reconstructions" / f"step_{step:08d}.png", x, masked, filled,
-                                       channel_names)
+    metrics_lib.save_reconstruction_png(
+        workdir / "reconstructions" / f"step_{step:08d}.png", x, masked, filled, channel_names
+    )

@@ -1,4 +1,5 @@
 """Aggregate well embeddings into a map: one row per perturbation (mean or median), labels sorted."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,9 @@ class PerturbationMap:
         return df
 
 
-def aggregate_arrays(x: np.ndarray, labels: np.ndarray, method: str = "mean",
-                     drop=()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def aggregate_arrays(
+    x: np.ndarray, labels: np.ndarray, method: str = "mean", drop=()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, D) wells + (N,) labels -> features (P, D), sorted unique labels (P,), replicate counts (P,).
 
     Labels in `drop` (e.g. the control key) are removed before aggregating.
@@ -59,8 +61,15 @@ def aggregate_arrays(x: np.ndarray, labels: np.ndarray, method: str = "mean",
     return out, uniq, counts
 
 
-def aggregate(features, metadata: pd.DataFrame | None = None, *, perturbation_col: str = "perturbation",
-              labels=None, method: str = "mean", drop=()) -> PerturbationMap:
+def aggregate(
+    features,
+    metadata: pd.DataFrame | None = None,
+    *,
+    perturbation_col: str = "perturbation",
+    labels=None,
+    method: str = "mean",
+    drop=(),
+) -> PerturbationMap:
     """Aggregate wells per perturbation. Labels come from `metadata[perturbation_col]` or `labels`."""
     x = as_features(features)
     if labels is None:
@@ -95,8 +104,9 @@ def aggregate_transformed(features, labels, transforms, *, drop=()) -> Perturbat
     out = np.zeros((len(uniq), transforms[0][1].shape[1]))
     for rows, mat, off in transforms:
         rows = rows[inv_all[rows] >= 0]
-        g = scipy.sparse.csr_matrix((np.ones(len(rows)), (inv_all[rows], np.arange(len(rows)))),
-                                    shape=(len(uniq), len(rows)))
+        g = scipy.sparse.csr_matrix(
+            (np.ones(len(rows)), (inv_all[rows], np.arange(len(rows)))), shape=(len(uniq), len(rows))
+        )
         sums = np.asarray(g @ x[rows])
         out += sums @ mat + np.bincount(inv_all[rows], minlength=len(uniq))[:, None] * off[None, :]
     return PerturbationMap(out / counts[:, None], uniq, counts)

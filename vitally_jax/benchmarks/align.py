@@ -6,6 +6,7 @@ PCA always uses a full deterministic SVD (EFAAR's scikit-learn default may pick 
 TVN drops principal axes with no control variance when there are fewer controls than features (EFAAR keeps them
 and divides rounding noise by ~1e-16).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -104,8 +105,9 @@ def pca(x: np.ndarray, n_components: int | None = 128, batches: np.ndarray | Non
     return pca_transform(x, mean, comps)
 
 
-def pca_centerscale(x: np.ndarray, is_control: np.ndarray, n_components: int | None = 128,
-                    batches: np.ndarray | None = None) -> np.ndarray:
+def pca_centerscale(
+    x: np.ndarray, is_control: np.ndarray, n_components: int | None = 128, batches: np.ndarray | None = None
+) -> np.ndarray:
     """PCA (fitted on all wells) followed by center-scale on the controls of each batch. (N, D) -> (N, K)."""
     return centerscale_on_controls(pca(x, n_components, batches), is_control, batches)
 
@@ -117,8 +119,14 @@ def inverse_sqrt_psd(s: np.ndarray) -> np.ndarray:
     return (v / np.sqrt(w)) @ v.T
 
 
-def tvn_transforms(x: np.ndarray, is_control: np.ndarray, batches: np.ndarray | None = None, *,
-                   coral_ridge: float = 0.5, drop_degenerate: bool = True) -> list[tuple]:
+def tvn_transforms(
+    x: np.ndarray,
+    is_control: np.ndarray,
+    batches: np.ndarray | None = None,
+    *,
+    coral_ridge: float = 0.5,
+    drop_degenerate: bool = True,
+) -> list[tuple]:
     """Fit TVN on the control wells -> per batch (row indices (n_b,), matrix (D, K), offset (K,)).
 
     Aligned rows of batch b are `x[rows] @ matrix + offset`. See `tvn` for the steps.
@@ -149,15 +157,22 @@ def tvn_transforms(x: np.ndarray, is_control: np.ndarray, batches: np.ndarray | 
         in_batch = np.isin(ctrl_rows, idx, assume_unique=True)
         if in_batch.sum() < 2:
             raise BenchmarkInputError(
-                f"batch {batches[idx[0]]!r}: {int(in_batch.sum())} control wells; CORAL needs at least 2 per batch")
+                f"batch {batches[idx[0]]!r}: {int(in_batch.sum())} control wells; CORAL needs at least 2 per batch"
+            )
         cov = np.cov(yc[in_batch], rowvar=False, ddof=1) + coral_ridge * np.eye(a.shape[1])
         w = inverse_sqrt_psd(np.atleast_2d(cov))
         out.append((idx, a @ w, c @ w))
     return out
 
 
-def tvn(x: np.ndarray, is_control: np.ndarray, batches: np.ndarray | None = None, *,
-        coral_ridge: float = 0.5, drop_degenerate: bool = True) -> np.ndarray:
+def tvn(
+    x: np.ndarray,
+    is_control: np.ndarray,
+    batches: np.ndarray | None = None,
+    *,
+    coral_ridge: float = 0.5,
+    drop_degenerate: bool = True,
+) -> np.ndarray:
     """Typical variation normalisation on controls, with per-batch CORAL. (N, D) -> (N, K), K = min(D, #controls).
 
     1. center-scale all wells on all controls; 2. PCA (all components) fitted on the controls;
@@ -189,9 +204,17 @@ def _batch_indices(batches, n: int) -> list[np.ndarray]:
 METHODS = ("tvn", "centerscale", "centerscale_on_controls", "pca", "pca_centerscale", "none")
 
 
-def align(features, metadata=None, *, method: str = "tvn", perturbation_col: str = "perturbation",
-          control_key: str | None = None, control_col: str = "is_control", batch_col: str | None = "experiment",
-          n_components: int | None = 128) -> np.ndarray:
+def align(
+    features,
+    metadata=None,
+    *,
+    method: str = "tvn",
+    perturbation_col: str = "perturbation",
+    control_key: str | None = None,
+    control_col: str = "is_control",
+    batch_col: str | None = "experiment",
+    n_components: int | None = 128,
+) -> np.ndarray:
     """Align well embeddings (ndarray or DataFrame, N x D) using metadata (DataFrame, N rows) -> (N, K) float64.
 
     Controls are rows whose `perturbation_col` equals `control_key` or, when `control_key` is None, rows where the
@@ -218,8 +241,9 @@ def align(features, metadata=None, *, method: str = "tvn", perturbation_col: str
     needs_controls = method in ("tvn", "centerscale_on_controls", "pca_centerscale")
     if needs_controls:
         if is_control is None:
-            raise BenchmarkInputError(f"metadata: method {method!r} needs controls (give control_key or a "
-                                      f"{control_col!r} column)")
+            raise BenchmarkInputError(
+                f"metadata: method {method!r} needs controls (give control_key or a {control_col!r} column)"
+            )
         check_has_controls(is_control)
     if method == "tvn":
         return tvn(x, is_control, batches)

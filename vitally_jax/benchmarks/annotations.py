@@ -3,6 +3,7 @@
 The tables ship in `vitally_jax/annotations/` (see the LICENSE there). Users can pass their own: a CSV/DataFrame
 with columns `entity1,entity2` for pairs, or a TSV `name<TAB>space-separated genes` / dict for clusters.
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,7 +14,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from vitally_jax.errors import BenchmarkInputError
+from vitally_jax.errors import BenchmarkInputError, ConfigError
 
 ANNOTATION_DIR = pathlib.Path(__file__).resolve().parent.parent / "annotations"
 SOURCES = ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB")
@@ -52,12 +53,13 @@ def load_relationships(source) -> pd.DataFrame:
         df, where = _read_pairs_file(str(path)), str(path)
     missing = {"entity1", "entity2"} - set(df.columns)
     if missing:
-        raise BenchmarkInputError(f"{where}: missing columns {sorted(missing)}; expected columns entity1,entity2 "
-                                  f"(got {list(df.columns)[:5]})")
+        raise BenchmarkInputError(
+            f"{where}: missing columns {sorted(missing)}; expected columns entity1,entity2 (got {list(df.columns)[:5]})"
+        )
     a = df["entity1"].astype(str).to_numpy()
     b = df["entity2"].astype(str).to_numpy()
     codes, uniq = pd.factorize(np.concatenate([a, b]))
-    ca, cb = codes[:len(a)], codes[len(a):]
+    ca, cb = codes[: len(a)], codes[len(a) :]
     lo, hi = np.minimum(ca, cb).astype(np.int64), np.maximum(ca, cb).astype(np.int64)
     cand = np.nonzero(lo != hi)[0]
     _, first = np.unique(lo[cand] * max(len(uniq), 1) + hi[cand], return_index=True)
@@ -68,8 +70,9 @@ def load_relationships(source) -> pd.DataFrame:
     return out
 
 
-def relationship_index_pairs(rels: pd.DataFrame, labels: np.ndarray, *, source: str = "relationships",
-                             warn_unknown: bool = False) -> np.ndarray:
+def relationship_index_pairs(
+    rels: pd.DataFrame, labels: np.ndarray, *, source: str = "relationships", warn_unknown: bool = False
+) -> np.ndarray:
     """Pairs whose two genes are both in the map -> (Q, 2) int row indices into `labels`, each row (i, j), i < j.
 
     Order follows the table order (after de-duplication), matching EFAAR's query order.
@@ -81,32 +84,41 @@ def relationship_index_pairs(rels: pd.DataFrame, labels: np.ndarray, *, source: 
     if warn_unknown and not keep.all():
         genes = set(rels["entity1"]) | set(rels["entity2"])
         unknown = len(genes - set(index))
-        warnings.warn(f"{source}: {int((~keep).sum())} of {len(rels)} pairs skipped; {unknown} of {len(genes)} genes "
-                      f"are not in the map", stacklevel=2)
+        warnings.warn(
+            f"{source}: {int((~keep).sum())} of {len(rels)} pairs skipped; {unknown} of {len(genes)} genes "
+            f"are not in the map",
+            stacklevel=2,
+        )
     pairs = np.stack([i[keep], j[keep]], axis=1)
     return np.sort(pairs, axis=1)
 
 
-def load_clusters(source="CORUM") -> dict[str, set[str]]:
-    """Gene clusters: 'CORUM' (bundled), a TSV path (name<TAB>genes), or a dict name -> genes.
+def load_clusters(source="CORUM", *, repeated: str = "last") -> dict[str, set[str]]:
+    """Gene clusters: 'CORUM' (bundled), a TSV path (name<TAB>space-separated genes), or a dict name -> genes.
 
-    A repeated cluster name keeps its first position and its last gene set (as a Python dict does in EFAAR).
+    The one reader of cluster tables. A repeated cluster name keeps its first position and, with
+    `repeated="last"`, its last gene set (as a Python dict does in EFAAR); with `repeated="union"`, the union of
+    its gene sets.
     """
+    if repeated not in ("last", "union"):
+        raise ConfigError(f"repeated: expected 'last' or 'union', got {repeated!r}")
     if isinstance(source, dict):
         return {str(k): set(map(str, v)) for k, v in source.items()}
+    from vitally_jax.annotations import read_clusters
+
     path = ANNOTATION_DIR / "CORUM_clusters.tsv" if source == "CORUM" else pathlib.Path(os.fspath(source))
     out: dict[str, set[str]] = {}
     try:
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                parts = line.strip().split("\t")
-                if len(parts) != 2:
-                    raise BenchmarkInputError(f"{path}:{n}: expected 'name<TAB>space-separated genes'")
-                out[parts[0]] = set(parts[1].split())
+        rows = read_clusters(path)
     except FileNotFoundError:
         raise BenchmarkInputError(f"{path}: cluster table not found") from None
+    except ValueError as e:
+        raise BenchmarkInputError(str(e)) from None
+    for name, genes in rows:
+        if repeated == "union" and name in out:
+            out[name] |= set(genes)
+        else:
+            out[name] = set(genes)
     return out
 
 

@@ -10,6 +10,7 @@ the genes it acts on?
   z = (mean AP - mean random AP) / std of random AP over seeds.
 AP uses scikit-learn's step definition (ties grouped); AUC is the Mann-Whitney statistic (ties count 1/2).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,6 +38,7 @@ def average_precision(y: np.ndarray, s: np.ndarray) -> float:
 def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
     """ROC-AUC via ranks with ties averaged (equals scikit-learn `roc_auc_score`)."""
     from scipy.stats import rankdata
+
     r = rankdata(s)
     n1 = y.sum()
     n0 = len(y) - n1
@@ -54,9 +56,16 @@ def compound_gene_scores(compound_features, compound_labels, gene_features, gene
     return pd.DataFrame(s, columns=gl).groupby(cl, sort=True).max()
 
 
-def compound_gene_activity(scores: pd.DataFrame, known: pd.DataFrame, *, n_seeds: int = 100, min_negatives: int = 20,
-                           compound_col: str = "compound", gene_col: str = "gene",
-                           potency_col: str = "potency_nM") -> dict:
+def compound_gene_activity(
+    scores: pd.DataFrame,
+    known: pd.DataFrame,
+    *,
+    n_seeds: int = 100,
+    min_negatives: int = 20,
+    compound_col: str = "compound",
+    gene_col: str = "gene",
+    potency_col: str = "potency_nM",
+) -> dict:
     """Score a compounds x genes score table against known activities (compound, gene, potency in nM)."""
     for col in (compound_col, gene_col, potency_col):
         if col not in known.columns:
@@ -81,7 +90,7 @@ def compound_gene_activity(scores: pd.DataFrame, known: pd.DataFrame, *, n_seeds
     for seed in range(n_seeds):
         rng = np.random.default_rng(seed)
         aps, aucs, raps = [], [], []
-        for comp, act, cand, s in tasks:
+        for _comp, act, cand, s in tasks:
             n_neg = min(len(cand), max(2 * len(act), min_negatives))
             neg = rng.choice(cand, n_neg, replace=False)
             y = np.r_[np.ones(len(act)), np.zeros(n_neg)]

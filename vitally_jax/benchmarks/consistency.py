@@ -7,6 +7,7 @@ the same statistic over the negative-control perturbations (e.g. non-expressed g
 EFAAR keeps the NaN statistics of one-replicate negative controls in the null, so they count in |null| and shrink
 every p-value. By default we drop them (fixed); `efaar_quirk=True` reproduces the reference numbers.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,7 +26,7 @@ def group_rows(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     g = rank[inv.ravel()]
     sort = np.argsort(g, kind="stable")
     bounds = np.searchsorted(g[sort], np.arange(len(order) + 1))
-    return labels[first[order]], [sort[bounds[k]:bounds[k + 1]] for k in range(len(order))]
+    return labels[first[order]], [sort[bounds[k] : bounds[k + 1]] for k in range(len(order))]
 
 
 def mean_replicate_cosine(x: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
@@ -37,8 +38,8 @@ def mean_replicate_cosine(x: np.ndarray, groups: list[np.ndarray]) -> np.ndarray
         if n < 2:
             continue
         ks = np.nonzero(sizes == n)[0]
-        rows = np.stack([groups[k] for k in ks])           # (G, n)
-        v = xn[rows]                                         # (G, n, D)
+        rows = np.stack([groups[k] for k in ks])  # (G, n)
+        v = xn[rows]  # (G, n, D)
         gram = np.clip(np.matmul(v, v.transpose(0, 2, 1)), -1, 1)
         il = np.tril_indices(n, k=-1)
         out[ks] = gram[:, il[0], il[1]].mean(axis=1)
@@ -56,9 +57,16 @@ def null_pvalues(stat: np.ndarray, null: np.ndarray, side: str, efaar_quirk: boo
     return np.where(np.isnan(stat), np.nan, p)
 
 
-def signal_consistency(features, metadata: pd.DataFrame | None = None, *, negative_controls,
-                       perturbation_col: str = "perturbation", labels=None, drop=(),
-                       efaar_quirk: bool = False) -> pd.DataFrame:
+def signal_consistency(
+    features,
+    metadata: pd.DataFrame | None = None,
+    *,
+    negative_controls,
+    perturbation_col: str = "perturbation",
+    labels=None,
+    drop=(),
+    efaar_quirk: bool = False,
+) -> pd.DataFrame:
     """Per perturbation: mean replicate cosine and its p-value against negative-control perturbations.
 
     Returns DataFrame(pert, avgcossim, pval, n_replicates) in order of first appearance, negative controls excluded.
@@ -72,5 +80,11 @@ def signal_consistency(features, metadata: pd.DataFrame | None = None, *, negati
     is_neg = np.isin(uniq, np.asarray(list(map(str, negative_controls))))
     check_min_count(int(is_neg.sum()), 1, "negative-control perturbations present")
     p = null_pvalues(stat[~is_neg], stat[is_neg], "left", efaar_quirk)
-    return pd.DataFrame({"pert": uniq[~is_neg], "avgcossim": stat[~is_neg], "pval": p,
-                         "n_replicates": np.array([len(g) for g in groups])[~is_neg]})
+    return pd.DataFrame(
+        {
+            "pert": uniq[~is_neg],
+            "avgcossim": stat[~is_neg],
+            "pval": p,
+            "n_replicates": np.array([len(g) for g in groups])[~is_neg],
+        }
+    )

@@ -4,6 +4,7 @@ Rows are L2-normalised with `einsum`-based norms; all-zero rows keep norm 1, so 
 (the EFAAR/scikit-learn convention). Every benchmark takes its cosines from here, so a pair's value is the same
 bits wherever it is used.
 """
+
 from __future__ import annotations
 
 import numpy as np

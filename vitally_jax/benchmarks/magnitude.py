@@ -7,6 +7,7 @@ distance to itself counts as 1e-4). Perturbations need at least 5 replicate well
 p-value: `1 - searchsorted(null, e, 'right') / |null|` against the negative-control perturbations; NaN null
 entries are dropped unless `efaar_quirk=True`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,28 +23,40 @@ def pairwise_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(d2, 1e-8))
 
 
-def energy_distances(x: np.ndarray, groups: list[np.ndarray], controls: np.ndarray, min_replicates: int = 5,
-                     chunk_rows: int = 8192) -> np.ndarray:
+def energy_distances(
+    x: np.ndarray, groups: list[np.ndarray], controls: np.ndarray, min_replicates: int = 5, chunk_rows: int = 8192
+) -> np.ndarray:
     """Energy distance of each group of rows of `x` to `controls` (M, D); NaN for groups below `min_replicates`."""
     yy = pairwise_distances(controls, controls).mean()
     out = np.full(len(groups), np.nan)
     valid = [k for k, g in enumerate(groups) if len(g) >= min_replicates]
     for c0 in range(0, len(valid), max(1, chunk_rows // 8)):
-        ks = valid[c0:c0 + max(1, chunk_rows // 8)]
+        ks = valid[c0 : c0 + max(1, chunk_rows // 8)]
         rows = np.concatenate([groups[k] for k in ks])
         xy = pairwise_distances(x[rows], controls).mean(axis=1)
         start = 0
         for k in ks:
             n = len(groups[k])
             xk = x[groups[k]]
-            out[k] = 2 * xy[start:start + n].mean() - pairwise_distances(xk, xk).mean() - yy
+            out[k] = 2 * xy[start : start + n].mean() - pairwise_distances(xk, xk).mean() - yy
             start += n
     return out
 
 
-def signal_magnitude(features, metadata: pd.DataFrame | None = None, *, negative_controls, control_key: str,
-                     perturbation_col: str = "perturbation", labels=None, max_controls: int = 1000,
-                     min_replicates: int = 5, drop=(), seed: int = 0, efaar_quirk: bool = False) -> pd.DataFrame:
+def signal_magnitude(
+    features,
+    metadata: pd.DataFrame | None = None,
+    *,
+    negative_controls,
+    control_key: str,
+    perturbation_col: str = "perturbation",
+    labels=None,
+    max_controls: int = 1000,
+    min_replicates: int = 5,
+    drop=(),
+    seed: int = 0,
+    efaar_quirk: bool = False,
+) -> pd.DataFrame:
     """Per perturbation: energy distance to controls and its p-value. DataFrame(pert, edist, pval, n_replicates)."""
     x = as_features(features)
     lab = as_labels(metadata[perturbation_col] if labels is None else labels, len(x), perturbation_col).astype(str)
@@ -61,5 +74,11 @@ def signal_magnitude(features, metadata: pd.DataFrame | None = None, *, negative
     check_min_count(int(is_neg.sum()), 1, "negative-control perturbations present")
     query = ~is_neg & (uniq != str(control_key))
     p = null_pvalues(stat[query], stat[is_neg], "right", efaar_quirk)
-    return pd.DataFrame({"pert": uniq[query], "edist": stat[query], "pval": p,
-                         "n_replicates": np.array([len(g) for g in groups])[query]})
+    return pd.DataFrame(
+        {
+            "pert": uniq[query],
+            "edist": stat[query],
+            "pval": p,
+            "n_replicates": np.array([len(g) for g in groups])[query],
+        }
+    )

@@ -16,6 +16,7 @@ random stream for a given seed); a group's null is the mean of its members' null
 The ranking is vectorised: per block of queries one matmul, one sort of all negative keys (row index in the high
 32 bits, order-preserving float bits in the low 32), and one searchsorted for all positives.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,8 +34,9 @@ def _ordered_bits(keys: np.ndarray) -> np.ndarray:
     return np.where(neg, np.uint64(0xFFFFFFFF) - b, b | np.uint64(0x80000000))
 
 
-def average_precision_block(sims: np.ndarray, pos: np.ndarray,
-                            neg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def average_precision_block(
+    sims: np.ndarray, pos: np.ndarray, neg: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """AP of each query row. sims (B, M) float32 similarities; pos, neg (B, M) bool masks.
 
     Returns ap (B,) float64 (NaN where no positive), n_pos (B,), n_total (B,).
@@ -60,8 +62,9 @@ def average_precision_block(sims: np.ndarray, pos: np.ndarray,
     return ap, n_pos, n_pos + neg.sum(axis=1)
 
 
-def average_precisions(x: np.ndarray, groups: np.ndarray, *, reference: np.ndarray | None = None,
-                       block_rows: int = 512) -> pd.DataFrame:
+def average_precisions(
+    x: np.ndarray, groups: np.ndarray, *, reference: np.ndarray | None = None, block_rows: int = 512
+) -> pd.DataFrame:
     """AP for every profile. x (N, D); groups (N,) labels; reference (N,) bool marks negative-control profiles.
 
     With `reference`: positives = same group (non-reference), negatives = reference profiles; reference rows get
@@ -78,7 +81,7 @@ def average_precisions(x: np.ndarray, groups: np.ndarray, *, reference: np.ndarr
     queries = np.nonzero(~ref)[0]
     ref_rows = np.nonzero(ref)[0]
     for q0 in range(0, len(queries), block_rows):
-        q = queries[q0:q0 + block_rows]
+        q = queries[q0 : q0 + block_rows]
         if reference is not None:  # columns: the queries' groups + all controls
             cols = np.concatenate([np.nonzero(np.isin(codes, np.unique(codes[q])) & ~ref)[0], ref_rows])
         else:
@@ -121,8 +124,9 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def mean_average_precision(ap: pd.DataFrame, groups, *, null_size: int = 10000, threshold: float = 0.05,
-                           seed: int = 0) -> pd.DataFrame:
+def mean_average_precision(
+    ap: pd.DataFrame, groups, *, null_size: int = 10000, threshold: float = 0.05, seed: int = 0
+) -> pd.DataFrame:
     """Group APs into mAP with p-values. `ap` from `average_precisions`; `groups` (N,) labels.
 
     Returns one row per group (sorted): group, mean_average_precision, n_profiles, p_value, corrected_p_value,
@@ -148,9 +152,18 @@ def mean_average_precision(ap: pd.DataFrame, groups, *, null_size: int = 10000, 
     return out
 
 
-def phenotypic_activity(features, metadata: pd.DataFrame | None = None, *, perturbation_col: str = "perturbation",
-                        control_key: str | None = None, labels=None, is_control=None, null_size: int = 10000,
-                        threshold: float = 0.05, seed: int = 0) -> pd.DataFrame:
+def phenotypic_activity(
+    features,
+    metadata: pd.DataFrame | None = None,
+    *,
+    perturbation_col: str = "perturbation",
+    control_key: str | None = None,
+    labels=None,
+    is_control=None,
+    null_size: int = 10000,
+    threshold: float = 0.05,
+    seed: int = 0,
+) -> pd.DataFrame:
     """mAP of each perturbation's replicate wells against negative-control wells (wells x features in)."""
     x = as_features(features)
     lab = as_labels(metadata[perturbation_col] if labels is None else labels, len(x), perturbation_col).astype(str)
@@ -161,8 +174,9 @@ def phenotypic_activity(features, metadata: pd.DataFrame | None = None, *, pertu
     return out.rename(columns={"group": "perturbation"})
 
 
-def phenotypic_consistency(map_features, perturbations, annotation, *, null_size: int = 10000,
-                           threshold: float = 0.05, seed: int = 0) -> pd.DataFrame:
+def phenotypic_consistency(
+    map_features, perturbations, annotation, *, null_size: int = 10000, threshold: float = 0.05, seed: int = 0
+) -> pd.DataFrame:
     """mAP of perturbations sharing an annotation. `annotation`: dict/Series perturbation -> label (or labels).
 
     A perturbation with several labels is one profile per label; unannotated perturbations are left out.
@@ -173,7 +187,7 @@ def phenotypic_consistency(map_features, perturbations, annotation, *, null_size
     rows, groups = [], []
     for i, p in enumerate(labels):
         v = mapping.get(p)
-        for a in ([] if v is None else [v] if isinstance(v, str) else list(v)):
+        for a in [] if v is None else [v] if isinstance(v, str) else list(v):
             rows.append(i)
             groups.append(str(a))
     if not rows:

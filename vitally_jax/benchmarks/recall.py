@@ -13,6 +13,7 @@ two blocks (20,000 genes: ~1.8 GiB peak). Ranks are exact for the float64 cosine
 product may differ from a full-matrix product (and from scikit-learn's) in the last bit of a cosine, which can only
 matter for a query within 1 ulp of a percentile boundary.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -22,7 +23,7 @@ import pandas as pd
 
 from vitally_jax.benchmarks.annotations import SOURCES, load_relationships, relationship_index_pairs
 from vitally_jax.benchmarks.cosine import cosine_matrix, normalize_rows, upper_triangle
-from vitally_jax.benchmarks.validate import unpack_map, as_features, as_labels, check_min_count, check_unique_labels
+from vitally_jax.benchmarks.validate import as_features, as_labels, check_min_count, check_unique_labels, unpack_map
 from vitally_jax.errors import BenchmarkInputError
 
 THRESHOLDS = ((0.05, 0.95), (0.1, 0.9))
@@ -42,15 +43,22 @@ def recall_from_counts(n_null: int, below: np.ndarray, below_or_equal: np.ndarra
 def recall_dense(null: np.ndarray, queries: np.ndarray, thresholds=THRESHOLDS) -> dict:
     """Recall of `queries` (Q,) against an unsorted `null` (M,)."""
     s = np.sort(null)
-    return recall_from_counts(len(s), np.searchsorted(s, queries, "left"), np.searchsorted(s, queries, "right"),
-                              thresholds)
+    return recall_from_counts(
+        len(s), np.searchsorted(s, queries, "left"), np.searchsorted(s, queries, "right"), thresholds
+    )
 
 
 class SortedNull:
     """The upper-triangle cosine null of a map, held as sorted blocks; exact rank counts for any query."""
 
-    def __init__(self, features: np.ndarray, *, block_rows: int | None = None, threads: int = 2,
-                 query_pairs: np.ndarray | None = None):
+    def __init__(
+        self,
+        features: np.ndarray,
+        *,
+        block_rows: int | None = None,
+        threads: int = 2,
+        query_pairs: np.ndarray | None = None,
+    ):
         xn = normalize_rows(features)
         p = len(xn)
         self.size = p * (p - 1) // 2
@@ -67,7 +75,7 @@ class SortedNull:
             sel = np.nonzero((row_of >= r0) & (row_of < r1))[0]
             if len(sel):
                 self.query_values[sel] = s[pairs[sel, 0] - r0, pairs[sel, 1] - r0]
-            vals = np.concatenate([s[i, i + 1:] for i in range(r1 - r0)])  # above the diagonal, row-major
+            vals = np.concatenate([s[i, i + 1 :] for i in range(r1 - r0)])  # above the diagonal, row-major
             vals.sort()
             return vals
 
@@ -92,10 +100,18 @@ class SortedNull:
         return np.sort(np.concatenate(self.blocks)) if self.blocks else np.zeros(0)
 
 
-def known_relationship_recall(map_features, perturbations=None, *, perturbation_col: str = "perturbation",
-                              sources=SOURCES, thresholds=THRESHOLDS, min_perturbations: int = 20,
-                              block_rows: int | None = None, threads: int = 2,
-                              dense: bool | None = None) -> pd.DataFrame:
+def known_relationship_recall(
+    map_features,
+    perturbations=None,
+    *,
+    perturbation_col: str = "perturbation",
+    sources=SOURCES,
+    thresholds=THRESHOLDS,
+    min_perturbations: int = 20,
+    block_rows: int | None = None,
+    threads: int = 2,
+    dense: bool | None = None,
+) -> pd.DataFrame:
     """Recall of annotated relationships for a map (P, D) with labels (P,) (or a `PerturbationMap` / EFAAR Bunch).
 
     `sources`: bundled names, CSV paths or DataFrames (entity1, entity2); a dict name -> source is accepted too.
@@ -108,16 +124,27 @@ def known_relationship_recall(map_features, perturbations=None, *, perturbation_
     labels = as_labels(perturbations, len(x)).astype(str)
     check_unique_labels(labels)
     check_min_count(len(x), max(2, min_perturbations), "perturbations in the map")
-    named = sources.items() if isinstance(sources, dict) else [
-        (s if isinstance(s, str) else getattr(s, "name", f"table{k}"), s) for k, s in enumerate(sources)]
+    named = (
+        sources.items()
+        if isinstance(sources, dict)
+        else [(s if isinstance(s, str) else getattr(s, "name", f"table{k}"), s) for k, s in enumerate(sources)]
+    )
     per_source = []
     for name, src in named:
         rels = load_relationships(src)
-        per_source.append((name, relationship_index_pairs(rels, labels, source=name,
-                                                          warn_unknown=not isinstance(src, str) or src not in SOURCES)))
+        per_source.append(
+            (
+                name,
+                relationship_index_pairs(
+                    rels, labels, source=name, warn_unknown=not isinstance(src, str) or src not in SOURCES
+                ),
+            )
+        )
     if not any(len(p) for _, p in per_source):
-        raise BenchmarkInputError(f"annotations: no annotated pair has both genes in the map "
-                                  f"({len(labels)} perturbations, e.g. {str(labels[0])!r}); are labels gene symbols?")
+        raise BenchmarkInputError(
+            f"annotations: no annotated pair has both genes in the map "
+            f"({len(labels)} perturbations, e.g. {str(labels[0])!r}); are labels gene symbols?"
+        )
     all_pairs = np.concatenate([p for _, p in per_source]) if per_source else np.zeros((0, 2), np.int64)
     use_dense = len(x) <= 2000 if dense is None else dense
     if use_dense:
@@ -131,11 +158,17 @@ def known_relationship_recall(map_features, perturbations=None, *, perturbation_
         qv, counts, n_null = sn.query_values, sn.counts, sn.size
     rows, start = [], 0
     for name, pairs in per_source:
-        q = qv[start:start + len(pairs)]
+        q = qv[start : start + len(pairs)]
         start += len(pairs)
         if len(q) == 0:
             continue
         below, below_eq = counts(q)
-        rows.append({"source": name, "null_distribution_size": n_null, "query_distribution_size": len(q),
-                     **recall_from_counts(n_null, below, below_eq, thresholds)})
+        rows.append(
+            {
+                "source": name,
+                "null_distribution_size": n_null,
+                "query_distribution_size": len(q),
+                **recall_from_counts(n_null, below, below_eq, thresholds),
+            }
+        )
     return pd.DataFrame(rows)

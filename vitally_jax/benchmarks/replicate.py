@@ -9,6 +9,7 @@ Definition used here (the paper does not publish its exact one):
   similarities of the two sets, plus both means. Higher statistics mean replicates agree across batches, i.e. the
   map keeps biology while removing batch effects. At most `max_pairs` replicate pairs are used (seeded subsample).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -59,8 +60,9 @@ def random_pair_cosines(x: np.ndarray, labels: np.ndarray, batches: np.ndarray, 
     return np.concatenate(got)[:n]
 
 
-def replicate_consistency(features, labels, batches, *, controls=(), n_random: int = 20000,
-                          max_pairs: int = 200000, seed: int = 0) -> dict:
+def replicate_consistency(
+    features, labels, batches, *, controls=(), n_random: int = 20000, max_pairs: int = 200000, seed: int = 0
+) -> dict:
     """KS and Cramer-von Mises between replicate-pair and random-pair cosines across batches. Returns a dict."""
     x = as_features(features)
     lab = as_labels(labels, len(x)).astype(str)
@@ -78,8 +80,15 @@ def replicate_consistency(features, labels, batches, *, controls=(), n_random: i
     rnd = random_pair_cosines(x, lab, bat, n_random, seed + 1)
     ks = ks_2samp(rep, rnd)
     cvm = cramervonmises_2samp(rep, rnd)
-    return {"n_replicate_pairs": int(len(rep)), "n_random_pairs": int(len(rnd)),
-            "mean_replicate_cosine": float(rep.mean()), "mean_random_cosine": float(rnd.mean()),
-            "ks_stat": float(ks.statistic), "ks_pval": float(ks.pvalue),
-            "cvm_stat": float(cvm.statistic), "cvm_pval": float(cvm.pvalue),
-            "_replicate_cosines": rep, "_random_cosines": rnd}
+    return {
+        "n_replicate_pairs": int(len(rep)),
+        "n_random_pairs": int(len(rnd)),
+        "mean_replicate_cosine": float(rep.mean()),
+        "mean_random_cosine": float(rnd.mean()),
+        "ks_stat": float(ks.statistic),
+        "ks_pval": float(ks.pvalue),
+        "cvm_stat": float(cvm.statistic),
+        "cvm_pval": float(cvm.pvalue),
+        "_replicate_cosines": rep,
+        "_random_cosines": rnd,
+    }

@@ -1,4 +1,5 @@
 """A benchmark report: tables + headline numbers, written as CSV, JSON, Markdown and PNG plots (atomically)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,16 +38,16 @@ class BenchmarkReport:
         if "recall" in self.tables:
             rec = self.tables["recall"]
             cols = list(rec.columns)
-            lines += ["", "## Known-relationship recall", "", "| " + " | ".join(cols) + " |",
-                      "|" + "---|" * len(cols)]
+            lines += ["", "## Known-relationship recall", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             for row in rec.itertuples(index=False):
                 lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
-    def write(self, out_dir: str | os.PathLike, *, plots: bool = True, overwrite: bool = False,
-              inputs=()) -> pathlib.Path:
+    def write(
+        self, out_dir: str | os.PathLike, *, plots: bool = True, overwrite: bool = False, inputs=()
+    ) -> pathlib.Path:
         """Write summary.csv/json, report.md, one CSV per table and PNG plots into `out_dir`, atomically.
 
         A benchmark report already at `out_dir` is replaced whole only with `overwrite=True`; anything else there
@@ -55,9 +56,16 @@ class BenchmarkReport:
         check_output(out_dir, KIND, overwrite=overwrite, inputs=inputs)
         with atomic_path(out_dir, is_dir=True) as tmp:
             self.summary_frame().to_csv(tmp / "summary.csv", index=False)
-            (tmp / "summary.json").write_text(json.dumps(
-                {ARTEFACT_KEY: KIND, "summary": {k: _jsonable(v) for k, v in self.summary.items()},
-                 "notes": self.notes}, indent=1))
+            (tmp / "summary.json").write_text(
+                json.dumps(
+                    {
+                        ARTEFACT_KEY: KIND,
+                        "summary": {k: _jsonable(v) for k, v in self.summary.items()},
+                        "notes": self.notes,
+                    },
+                    indent=1,
+                )
+            )
             (tmp / "report.md").write_text(self.to_markdown())
             for name, df in self.tables.items():
                 df.to_csv(tmp / f"{name}.csv", index=False)
@@ -69,8 +77,10 @@ class BenchmarkReport:
     def plot_recall(self, path) -> None:
         """Bar chart: recall per annotation source at each threshold pair."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(6, 3.5))
         rec = self.tables.get("recall")
         if rec is not None and len(rec):
@@ -90,8 +100,10 @@ class BenchmarkReport:
     def plot_similarities(self, path) -> None:
         """Histograms (density) of the cosine-similarity distributions in `distributions`."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(6, 3.5))
         bins = np.linspace(-1, 1, 81)
         for name, vals in self.distributions.items():

@@ -1,4 +1,5 @@
 """`benchmark(...)`: align, aggregate and score a screen in one call, returning a `BenchmarkReport`."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,11 +22,25 @@ from vitally_jax.errors import BenchmarkInputError
 ALL = ("recall", "cluster", "consistency", "magnitude", "replicate", "map")
 
 
-def benchmark(embeddings, metadata: pd.DataFrame, *, perturbation_col: str = "perturbation",
-              control_key: str | None = None, control_col: str = "is_control", batch_col: str | None = "experiment",
-              align_method: str = "tvn", aggregate_method: str = "mean", negative_controls=None,
-              sources=SOURCES, clusters="CORUM", min_cluster_genes: int = 10, min_replicates: int = 2,
-              map_null_size: int = 10000, seed: int = 0, include=ALL) -> BenchmarkReport:
+def benchmark(
+    embeddings,
+    metadata: pd.DataFrame,
+    *,
+    perturbation_col: str = "perturbation",
+    control_key: str | None = None,
+    control_col: str = "is_control",
+    batch_col: str | None = "experiment",
+    align_method: str = "tvn",
+    aggregate_method: str = "mean",
+    negative_controls=None,
+    sources=SOURCES,
+    clusters="CORUM",
+    min_cluster_genes: int = 10,
+    min_replicates: int = 2,
+    map_null_size: int = 10000,
+    seed: int = 0,
+    include=ALL,
+) -> BenchmarkReport:
     """Score well embeddings (N, D) with metadata (N rows). Controls: `perturbation_col == control_key`, or the
     boolean `control_col`. Gene perturbations only (rows with `perturbation_type == 'compound'` are left out).
 
@@ -55,14 +70,22 @@ def benchmark(embeddings, metadata: pd.DataFrame, *, perturbation_col: str = "pe
     check_has_controls(is_ctrl)
     labels = md[perturbation_col].astype(str).to_numpy()
     counts = pd.Series(labels[~is_ctrl]).value_counts()
-    check_min_count(int((counts >= min_replicates).sum()), 2,
-                    f"perturbations with >= {min_replicates} replicate wells")
+    check_min_count(int((counts >= min_replicates).sum()), 2, f"perturbations with >= {min_replicates} replicate wells")
     report = BenchmarkReport()
-    report.summary.update({"wells": int(len(x)), "control_wells": int(is_ctrl.sum()),
-                           "perturbations": int(len(counts)), "features": int(x.shape[1])})
+    report.summary.update(
+        {
+            "wells": int(len(x)),
+            "control_wells": int(is_ctrl.sum()),
+            "perturbations": int(len(counts)),
+            "features": int(x.shape[1]),
+        }
+    )
     aligned = align(x, md.assign(_ctrl=is_ctrl), method=align_method, control_col="_ctrl", batch_col=batch_col)
-    report.notes.append(f"alignment: {align_method}, batches from {batch_col!r}" if batch_col else
-                        f"alignment: {align_method}, no batches")
+    report.notes.append(
+        f"alignment: {align_method}, batches from {batch_col!r}"
+        if batch_col
+        else f"alignment: {align_method}, no batches"
+    )
     ctrl_labels = sorted(set(labels[is_ctrl]))
     m = aggregate(aligned, labels=labels, method=aggregate_method, drop=ctrl_labels)
     report.tables["map_perturbations"] = pd.DataFrame({"perturbation": m.perturbations, "n_wells": m.n_replicates})
@@ -89,15 +112,17 @@ def benchmark(embeddings, metadata: pd.DataFrame, *, perturbation_col: str = "pe
                     report.summary[f"{r['source']}_{c}"] = float(v)
         _similarity_samples(report, m, sources, seed)
     if "cluster" in include:
-        cl = cluster_benchmark(m.features, m.perturbations, source=clusters, min_genes=min_cluster_genes,
-                               require_clusters=False)
+        cl = cluster_benchmark(
+            m.features, m.perturbations, source=clusters, min_genes=min_cluster_genes, require_clusters=False
+        )
         report.tables["clusters"] = cl
         report.summary["clusters_tested"] = int(len(cl))
         if len(cl):
             report.summary["clusters_ks_p_below_0.05"] = float((cl.ks_pval < 0.05).mean())
     if "consistency" in include:
-        con = signal_consistency(aligned, labels=null_labels, negative_controls=negs,
-                                 drop=[] if negative_controls is None else ctrl_labels)
+        con = signal_consistency(
+            aligned, labels=null_labels, negative_controls=negs, drop=[] if negative_controls is None else ctrl_labels
+        )
         con = con[~np.isin(con.pert, ctrl_labels)]
         report.tables["consistency"] = con
         report.summary["consistency_p_below_0.05"] = float((con.pval.dropna() < 0.05).mean())

@@ -2,6 +2,7 @@
 
 The reference implementation builds some of these errors without raising them; here they always raise.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,10 @@ def as_features(x, name: str = "embeddings") -> np.ndarray:
     bad = ~np.isfinite(arr)
     if bad.any():
         rows = np.unique(np.nonzero(bad)[0])
-        raise BenchmarkInputError(f"{name}: {bad.sum()} NaN/inf values in {len(rows)} rows "
-                                  f"(first row {int(rows[0])}); expected finite numbers")
+        raise BenchmarkInputError(
+            f"{name}: {bad.sum()} NaN/inf values in {len(rows)} rows "
+            f"(first row {int(rows[0])}); expected finite numbers"
+        )
     return arr
 
 
@@ -32,8 +35,10 @@ def as_labels(labels, n: int, name: str = "perturbation") -> np.ndarray:
         raise BenchmarkInputError(f"{name}: expected {n} labels (one per row), got shape {arr.shape}")
     missing = np.asarray(pd.isna(arr), dtype=bool)
     if missing.any():
-        raise BenchmarkInputError(f"{name}: {int(missing.sum())} missing labels (first at row "
-                                  f"{int(np.argmax(missing))}); expected a label for every row")
+        raise BenchmarkInputError(
+            f"{name}: {int(missing.sum())} missing labels (first at row "
+            f"{int(np.argmax(missing))}); expected a label for every row"
+        )
     return arr
 
 
@@ -42,8 +47,10 @@ def check_unique_labels(labels: np.ndarray, name: str = "map perturbations") -> 
     uniq, counts = np.unique(labels.astype(str), return_counts=True)
     if (counts > 1).any():
         dup = uniq[counts > 1]
-        raise BenchmarkInputError(f"{name}: {len(dup)} duplicate labels (e.g. {dup[0]!r}); expected one row per "
-                                  "perturbation (aggregate first)")
+        raise BenchmarkInputError(
+            f"{name}: {len(dup)} duplicate labels (e.g. {dup[0]!r}); expected one row per "
+            "perturbation (aggregate first)"
+        )
 
 
 def check_has_controls(is_control: np.ndarray, what: str = "control wells") -> None:

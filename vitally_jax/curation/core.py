@@ -40,12 +40,13 @@ nears the number of controls). The null draws are not stratified by plate: a per
 to lie on the experiment's plates as its controls do (at random in the synthetic layout: 7.9% of replicate
 pairs share a plate, 7.7% of control pairs).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -54,8 +55,16 @@ from vitally_jax.curation import stats as cs
 from vitally_jax.errors import ConfigError, DataError
 from vitally_jax.fileio import ARTEFACT_KEY, check_output, text_tag, write_parquet, write_text
 
-REQUIRED = ("image_id", "well_id", "plate", "experiment", "perturbation", "perturbation_type", "is_control",
-            "control_type")
+REQUIRED = (
+    "image_id",
+    "well_id",
+    "plate",
+    "experiment",
+    "perturbation",
+    "perturbation_type",
+    "is_control",
+    "control_type",
+)
 _STORE_COLUMNS = set(REQUIRED) | {"well_row", "well_col", "site", "guide_id", "concentration", "n_sites"}
 _MUST_BE_PRESENT = ("image_id", "well_id", "plate", "experiment", "perturbation", "perturbation_type", "is_control")
 _TEST_COLUMNS = ["perturbation", "experiment", "n_wells", "mean_cosine", "p", "null_pool"]
@@ -139,10 +148,14 @@ def _missing(col: pd.Series) -> np.ndarray:
 def _counts(meta: pd.DataFrame, keep: np.ndarray) -> dict:
     m = meta[keep]
     ctrl = m["is_control"].astype(bool)
-    return {"images": int(len(m)), "wells": int(m["_well"].nunique()),
-            "perturbations": int(m.loc[~ctrl, "perturbation"].nunique()),
-            "control_wells": int(m.loc[ctrl, "_well"].nunique()),
-            "experiments": int(m["experiment"].nunique()), "plates": int(m["plate"].nunique())}
+    return {
+        "images": int(len(m)),
+        "wells": int(m["_well"].nunique()),
+        "perturbations": int(m.loc[~ctrl, "perturbation"].nunique()),
+        "control_wells": int(m.loc[ctrl, "_well"].nunique()),
+        "experiments": int(m["experiment"].nunique()),
+        "plates": int(m["plate"].nunique()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------- steps
@@ -161,8 +174,9 @@ def quality_flags(metadata: pd.DataFrame, quality: pd.DataFrame, config: Curatio
     blank = q["contrast"].to_numpy() < config.blank_max_contrast
     saturated = q["saturation"].to_numpy() > config.saturated_max_fraction
     focus = q["focus"].to_numpy()
-    plate_median = (pd.Series(np.where(blank, np.nan, focus)).groupby(metadata["plate"].to_numpy())
-                    .transform("median").to_numpy())
+    plate_median = (
+        pd.Series(np.where(blank, np.nan, focus)).groupby(metadata["plate"].to_numpy()).transform("median").to_numpy()
+    )
     oof = focus < config.focus_min_ratio * np.nan_to_num(plate_median, nan=0.0)
     if config.focus_min is not None:
         oof |= focus < config.focus_min
@@ -177,7 +191,7 @@ def undersample_controls(wells: pd.DataFrame, config: CurationConfig) -> np.ndar
     rng = np.random.default_rng([config.seed, 1])
     frac = {"positive": config.keep_positive_controls, "negative": config.keep_negative_controls}
     ctrl = wells[~keep]
-    for (plate, ctype), grp in ctrl.groupby(["plate", "control_type"], sort=True):
+    for (_plate, ctype), grp in ctrl.groupby(["plate", "control_type"], sort=True):
         f = frac.get(ctype, 1.0)
         n = len(grp)
         k = 0 if f == 0 else max(1, int(np.floor(f * n + 0.5)))
@@ -186,8 +200,9 @@ def undersample_controls(wells: pd.DataFrame, config: CurationConfig) -> np.ndar
     return keep
 
 
-def consistency_tests(wells: pd.DataFrame, embeddings: np.ndarray, candidates: np.ndarray,
-                      config: CurationConfig) -> pd.DataFrame:
+def consistency_tests(
+    wells: pd.DataFrame, embeddings: np.ndarray, candidates: np.ndarray, config: CurationConfig
+) -> pd.DataFrame:
     """Permutation tests of replicate consistency for one embedding set.
 
     wells: one row per well (the tested wells and the null pool) with `experiment`, `plate`, `perturbation`,
@@ -204,8 +219,7 @@ def consistency_tests(wells: pd.DataFrame, embeddings: np.ndarray, candidates: n
         if config.normalize == "plate":
             keys = keys + "\x1f" + wells["plate"].astype(str)
         x = cs.center_scale(x, pd.factorize(keys)[0])
-    neg = (wells["control_type"] == "negative").to_numpy() if "control_type" in wells \
-        else np.zeros(len(x), bool)
+    neg = (wells["control_type"] == "negative").to_numpy() if "control_type" in wells else np.zeros(len(x), bool)
     ctrl_moments = cs.moments(x[neg]) if config.whiten == "controls" else None
     cand = pd.Index(pd.unique(np.asarray(candidates, dtype=object)))
     code = cand.get_indexer(wells["perturbation"].to_numpy(dtype=object))
@@ -238,10 +252,21 @@ def consistency_tests(wells: pd.DataFrame, embeddings: np.ndarray, candidates: n
         pool = neg[sel]
         use_controls = config.null_pool == "controls" and pool.sum() >= max(_MIN_NULL_WELLS, 2 * largest)
         rng = np.random.default_rng([config.seed, 2, e_i])  # the same null draws for every set
-        p, stat, size = cs.permutation_pvalues(cs.unit_rows(xe), g, len(present), config.n_permutations, rng,
-                                               pool if use_controls else None)
-        rows.append(pd.DataFrame({"perturbation": cand[present], "experiment": exp, "n_wells": size,
-                                  "mean_cosine": stat, "p": p, "null_pool": "controls" if use_controls else "all"}))
+        p, stat, size = cs.permutation_pvalues(
+            cs.unit_rows(xe), g, len(present), config.n_permutations, rng, pool if use_controls else None
+        )
+        rows.append(
+            pd.DataFrame(
+                {
+                    "perturbation": cand[present],
+                    "experiment": exp,
+                    "n_wells": size,
+                    "mean_cosine": stat,
+                    "p": p,
+                    "null_pool": "controls" if use_controls else "all",
+                }
+            )
+        )
     if not rows:
         return pd.DataFrame(columns=_TEST_COLUMNS)
     return pd.concat(rows, ignore_index=True)
@@ -268,8 +293,12 @@ def check_metadata(metadata: pd.DataFrame, source: str = "metadata") -> None:
         raise DataError(f"{source}: duplicate image_id {metadata['image_id'][dup].iloc[0]!r} (expected unique ids)")
 
 
-def curate(metadata: pd.DataFrame, embeddings: Mapping[str, np.ndarray] | None = None,
-           config: CurationConfig = CurationConfig(), quality: pd.DataFrame | None = None) -> CurationResult:
+def curate(
+    metadata: pd.DataFrame,
+    embeddings: Mapping[str, np.ndarray] | None = None,
+    config: CurationConfig = CurationConfig(),
+    quality: pd.DataFrame | None = None,
+) -> CurationResult:
     """Run the curation steps on a screen's metadata (one row per image).
 
     embeddings: name -> (N, D) array aligned with the metadata rows (at least one for the consistency step;
@@ -282,12 +311,14 @@ def curate(metadata: pd.DataFrame, embeddings: Mapping[str, np.ndarray] | None =
     embeddings = dict(embeddings or {})
     for name, e in embeddings.items():
         if np.ndim(e) != 2 or len(e) != n:
-            raise DataError(f"embedding set '{name}': expected shape ({n}, D) aligned with the images, "
-                            f"got {np.shape(e)}")
+            raise DataError(
+                f"embedding set '{name}': expected shape ({n}, D) aligned with the images, got {np.shape(e)}"
+            )
         if not np.isfinite(np.asarray(e)).all():
             raise DataError(f"embedding set '{name}': contains NaN or infinite values")
-    meta["_well"] = (meta["experiment"].astype(str) + "\x1f" + meta["plate"].astype(str) + "\x1f"
-                     + meta["well_id"].astype(str))
+    meta["_well"] = (
+        meta["experiment"].astype(str) + "\x1f" + meta["plate"].astype(str) + "\x1f" + meta["well_id"].astype(str)
+    )
     steps = [{"step": "input", **_counts(meta, np.ones(n, bool))}]
 
     # 1. missing metadata
@@ -306,11 +337,23 @@ def curate(metadata: pd.DataFrame, embeddings: Mapping[str, np.ndarray] | None =
         removed = {k: int((flags[k].to_numpy() & keep).sum()) for k in flags.columns}
         bad = flags.to_numpy().any(axis=1) & keep
         keep &= ~bad
-        steps.append({"step": "image_quality", "removed_images": int(bad.sum()), "removed_by_reason": removed,
-                      **_counts(meta, keep)})
+        steps.append(
+            {
+                "step": "image_quality",
+                "removed_images": int(bad.sum()),
+                "removed_by_reason": removed,
+                **_counts(meta, keep),
+            }
+        )
     else:
-        steps.append({"step": "image_quality", "skipped": "no image quality measures", "removed_images": 0,
-                      **_counts(meta, keep)})
+        steps.append(
+            {
+                "step": "image_quality",
+                "skipped": "no image quality measures",
+                "removed_images": 0,
+                **_counts(meta, keep),
+            }
+        )
     pool_keep = keep.copy()  # the consistency null draws from every well that passed steps 1-2
 
     # 3. minimum replicates (non-control perturbations)
@@ -319,8 +362,14 @@ def curate(metadata: pd.DataFrame, embeddings: Mapping[str, np.ndarray] | None =
     enough = per.index[(per["n_wells"] >= config.min_wells) & (per["n_experiments"] >= config.min_experiments)]
     drop3 = keep & ~ctrl & ~meta["perturbation"].isin(enough).to_numpy()
     keep &= ~drop3
-    steps.append({"step": "min_replicates", "removed_images": int(drop3.sum()),
-                  "removed_perturbations": int(len(per) - len(enough)), **_counts(meta, keep)})
+    steps.append(
+        {
+            "step": "min_replicates",
+            "removed_images": int(drop3.sum()),
+            "removed_perturbations": int(len(per) - len(enough)),
+            **_counts(meta, keep),
+        }
+    )
 
     # 4. control undersampling (per well)
     wells_all = meta[keep].drop_duplicates("_well")[["_well", "plate", "control_type", "is_control"]]
@@ -350,16 +399,29 @@ def curate(metadata: pd.DataFrame, embeddings: Mapping[str, np.ndarray] | None =
         drop5 = keep & ~ctrl & ~meta["perturbation"].isin(per.index[per["kept"]]).to_numpy()
         keep &= ~drop5
         pools = tests[0].drop_duplicates("experiment")["null_pool"]  # the same for every set
-        steps.append({"step": "consistency", "embedding_sets": list(embeddings), "alpha": config.alpha,
-                      "n_permutations": config.n_permutations, "null_pool": config.null_pool,
-                      "experiments_null_from_all_wells": int((pools == "all").sum()),
-                      "removed_images": int(drop5.sum()),
-                      "removed_perturbations": int((per["dropped_at"] == "consistency").sum()),
-                      "kept_by_set": {nm: int((per[f"p_{nm}"] < config.alpha).sum()) for nm in embeddings},
-                      **_counts(meta, keep)})
+        steps.append(
+            {
+                "step": "consistency",
+                "embedding_sets": list(embeddings),
+                "alpha": config.alpha,
+                "n_permutations": config.n_permutations,
+                "null_pool": config.null_pool,
+                "experiments_null_from_all_wells": int((pools == "all").sum()),
+                "removed_images": int(drop5.sum()),
+                "removed_perturbations": int((per["dropped_at"] == "consistency").sum()),
+                "kept_by_set": {nm: int((per[f"p_{nm}"] < config.alpha).sum()) for nm in embeddings},
+                **_counts(meta, keep),
+            }
+        )
     else:
-        steps.append({"step": "consistency", "skipped": "no embedding sets" if not embeddings else "nothing to test",
-                      "removed_images": 0, **_counts(meta, keep)})
+        steps.append(
+            {
+                "step": "consistency",
+                "skipped": "no embedding sets" if not embeddings else "nothing to test",
+                "removed_images": 0,
+                **_counts(meta, keep),
+            }
+        )
 
     index = meta.loc[keep, list(metadata.columns)].reset_index(drop=True)
     index = index[["image_id"] + [c for c in index.columns if c != "image_id"]]
@@ -412,10 +474,17 @@ def load_embeddings(path: str | os.PathLike, metadata: pd.DataFrame) -> np.ndarr
         elif path.endswith(".parquet"):
             df = pd.read_parquet(path)
             feats = [c for c in df.columns if str(c).startswith("feature_")] or [
-                c for c in df.columns if c not in _STORE_COLUMNS and pd.api.types.is_numeric_dtype(df[c])
-                and not pd.api.types.is_bool_dtype(df[c])]
-            lists = [c for c in df.columns if df[c].dtype == object and len(df)
-                     and isinstance(df[c].iloc[0], (list, np.ndarray))]
+                c
+                for c in df.columns
+                if c not in _STORE_COLUMNS
+                and pd.api.types.is_numeric_dtype(df[c])
+                and not pd.api.types.is_bool_dtype(df[c])
+            ]
+            lists = [
+                c
+                for c in df.columns
+                if df[c].dtype == object and len(df) and isinstance(df[c].iloc[0], (list, np.ndarray))
+            ]
             if feats:
                 vals = df[feats].to_numpy(np.float32)
             elif len(lists) == 1:
@@ -424,8 +493,9 @@ def load_embeddings(path: str | os.PathLike, metadata: pd.DataFrame) -> np.ndarr
                 raise DataError(f"{path}: expected feature_* columns or one list-valued embedding column")
             x = _align(df, vals, metadata, path)
         else:
-            raise DataError(f"{path}: unknown embedding file type (expected .npy, .npz, .parquet or an "
-                            "embedding store folder)")
+            raise DataError(
+                f"{path}: unknown embedding file type (expected .npy, .npz, .parquet or an embedding store folder)"
+            )
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable embeddings ({e})") from None
     if x.ndim != 2 or len(x) != n:
@@ -433,9 +503,14 @@ def load_embeddings(path: str | os.PathLike, metadata: pd.DataFrame) -> np.ndarr
     return np.asarray(x, np.float32)
 
 
-def curate_store(store, embeddings: Mapping[str, np.ndarray | str | os.PathLike] | None = None,
-                 config: CurationConfig = CurationConfig(), *, quality: bool = True,
-                 batch_size: int = 32) -> CurationResult:
+def curate_store(
+    store,
+    embeddings: Mapping[str, np.ndarray | str | os.PathLike] | None = None,
+    config: CurationConfig = CurationConfig(),
+    *,
+    quality: bool = True,
+    batch_size: int = 32,
+) -> CurationResult:
     """`curate` an image store (an `ImageStore` or its folder). Embedding sets may be arrays aligned with the
     store's rows or files for `load_embeddings`. With `quality`, image quality is measured on the store's
     images, `batch_size` at a time."""
@@ -444,8 +519,9 @@ def curate_store(store, embeddings: Mapping[str, np.ndarray | str | os.PathLike]
     if not hasattr(store, "metadata"):
         store = ImageStore.open(store)
     meta = store.metadata
-    sets = {k: (load_embeddings(v, meta) if isinstance(v, (str, os.PathLike)) else v)
-            for k, v in (embeddings or {}).items()}
+    sets = {
+        k: (load_embeddings(v, meta) if isinstance(v, (str, os.PathLike)) else v) for k, v in (embeddings or {}).items()
+    }
     q = cs.store_quality(store, batch_size) if quality else None
     return curate(meta, sets, config, quality=q)
 
@@ -456,8 +532,12 @@ def curate_store(store, embeddings: Mapping[str, np.ndarray | str | os.PathLike]
 def report_markdown(report: dict) -> str:
     """The report as a Markdown table of counts after each step."""
     cols = ["images", "wells", "perturbations", "control_wells", "experiments", "plates", "removed_images"]
-    lines = ["# Curation report", "", "| step | " + " | ".join(cols) + " | notes |",
-             "|---|" + "---:|" * len(cols) + "---|"]
+    lines = [
+        "# Curation report",
+        "",
+        "| step | " + " | ".join(cols) + " | notes |",
+        "|---|" + "---:|" * len(cols) + "---|",
+    ]
     for s in report["steps"]:
         notes = []
         if "skipped" in s:
@@ -469,8 +549,10 @@ def report_markdown(report: dict) -> str:
         if "removed_perturbations" in s:
             notes.append(f"{s['removed_perturbations']} perturbations removed")
         if s.get("null_pool") == "controls" and s.get("experiments_null_from_all_wells"):
-            notes.append(f"null from all wells in {s['experiments_null_from_all_wells']} experiment(s) "
-                         "(too few negative controls)")
+            notes.append(
+                f"null from all wells in {s['experiments_null_from_all_wells']} experiment(s) "
+                "(too few negative controls)"
+            )
         lines.append(f"| {s['step']} | " + " | ".join(str(s.get(c, "")) for c in cols) + f" | {'; '.join(notes)} |")
     cfg = report["config"]
     lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in cfg.items()), ""]
@@ -486,19 +568,30 @@ def curation_outputs(index_path: str | os.PathLike, report_path: str | os.PathLi
     """{path: kind} of the four files `write_curation` writes for this index path / report prefix."""
     index_path = os.fspath(index_path)
     base = os.fspath(report_path) if report_path else os.path.splitext(index_path)[0] + ".report"
-    return {index_path: INDEX_KIND, base + ".perturbations.parquet": PERTURBATIONS_KIND,
-            base + ".json": REPORT_KIND, base + ".md": REPORT_KIND}
+    return {
+        index_path: INDEX_KIND,
+        base + ".perturbations.parquet": PERTURBATIONS_KIND,
+        base + ".json": REPORT_KIND,
+        base + ".md": REPORT_KIND,
+    }
 
 
-def check_curation_outputs(index_path: str | os.PathLike, report_path: str | os.PathLike | None = None, *,
-                           overwrite: bool = False, inputs=()) -> None:
+def check_curation_outputs(
+    index_path: str | os.PathLike, report_path: str | os.PathLike | None = None, *, overwrite: bool = False, inputs=()
+) -> None:
     """Refuse outputs that are not ours to write (see `vitally_jax.fileio.check_output`), before any work."""
     for path, kind in curation_outputs(index_path, report_path).items():
         check_output(path, kind, overwrite=overwrite, inputs=inputs)
 
 
-def write_curation(result: CurationResult, index_path: str | os.PathLike,
-                   report_path: str | os.PathLike | None = None, *, overwrite: bool = False, inputs=()) -> None:
+def write_curation(
+    result: CurationResult,
+    index_path: str | os.PathLike,
+    report_path: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    inputs=(),
+) -> None:
     """Write the curated index (Parquet, atomically), `<report>.json` / `<report>.md`, and the per-perturbation
     table `<report>.perturbations.parquet`. report_path defaults to the index path without its suffix.
 

@@ -12,10 +12,16 @@ negative-control wells). A random ordering prefix of length n is a uniform rando
 random orderings (prefixes of length n_max) and a cumulative sum gives the null for every set size n <= n_max at
 once, shared by all perturbations of that experiment.
 """
+
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import linalg, sparse
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # ----------------------------------------------------------------------------------------------- image quality
 
@@ -45,7 +51,7 @@ def image_quality(images: np.ndarray) -> dict[str, np.ndarray]:
     return {"contrast": contrast, "saturation": saturation, "focus": focus}
 
 
-def store_quality(store, batch_size: int = 32) -> "pd.DataFrame":
+def store_quality(store, batch_size: int = 32) -> pd.DataFrame:
     """`image_quality` of every image of an `ImageStore`, read `batch_size` images at a time.
 
     Returns a DataFrame (N rows, aligned with `store.metadata`) with columns contrast, saturation, focus.
@@ -71,8 +77,9 @@ def well_means(x: np.ndarray, wells: np.ndarray, n_wells: int) -> np.ndarray:
         out = np.empty((n_wells, x.shape[1]), np.float32)
         out[wells] = x
         return out
-    agg = sparse.csr_matrix((np.ones(len(wells), np.float32), (wells, np.arange(len(wells)))),
-                            shape=(n_wells, len(wells)))
+    agg = sparse.csr_matrix(
+        (np.ones(len(wells), np.float32), (wells, np.arange(len(wells)))), shape=(n_wells, len(wells))
+    )
     return np.asarray(agg @ np.asarray(x, np.float32)) / np.maximum(counts, 1)[:, None].astype(np.float32)
 
 
@@ -148,8 +155,9 @@ def _random_prefixes(rng: np.random.Generator, pool: int, k: int, n_draws: int) 
     return np.argsort(keys, axis=1)[:, :k]
 
 
-def null_mean_cosines(u: np.ndarray, max_size: int, n_permutations: int, rng: np.random.Generator,
-                      chunk: int = 128) -> np.ndarray:
+def null_mean_cosines(
+    u: np.ndarray, max_size: int, n_permutations: int, rng: np.random.Generator, chunk: int = 128
+) -> np.ndarray:
     """Permutation null of the mean pairwise cosine of random well sets drawn from one experiment.
 
     u: (M, D) unit-norm well embeddings of the experiment. Returns (n_permutations, max_size + 1) float64;
@@ -171,7 +179,7 @@ def null_mean_cosines(u: np.ndarray, max_size: int, n_permutations: int, rng: np
             run += u[idx[:, n]]
             sq[:, n] = np.einsum("pd,pd->p", run, run)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[s:s + p, 1:] = (sq - sizes) / (sizes * (sizes - 1.0))
+            out[s : s + p, 1:] = (sq - sizes) / (sizes * (sizes - 1.0))
     out[:, 1] = np.nan
     return out
 
@@ -195,9 +203,14 @@ def group_mean_cosines(u: np.ndarray, groups: np.ndarray, n_groups: int) -> tupl
     return stat, size
 
 
-def permutation_pvalues(u: np.ndarray, groups: np.ndarray, n_groups: int, n_permutations: int,
-                        rng: np.random.Generator, pool: np.ndarray | None = None
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def permutation_pvalues(
+    u: np.ndarray,
+    groups: np.ndarray,
+    n_groups: int,
+    n_permutations: int,
+    rng: np.random.Generator,
+    pool: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Replicate-consistency p-values of groups of wells within ONE experiment.
 
     u: (M, D) unit-norm embeddings of the wells of the experiment; groups: (M,) group index or -1; pool: (M,)

@@ -14,9 +14,10 @@ six; JUMP cpg0016 gives DNA, ER, Actin, RNA, Mito. `conform` turns any store's c
 canonical list (e.g. a 6-channel model on 5-channel JUMP data: the missing Golgi channel is filled with zeros
 only when asked to), so 5- and 6-channel data map predictably.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -34,12 +35,26 @@ SOURCES: dict[str, dict[str, str]] = {
 }
 
 ALIASES = {
-    "dna": "DNA", "hoechst": "DNA", "dapi": "DNA", "nucleus": "DNA", "nuclei": "DNA",
-    "er": "ER", "cona": "ER", "concanavalin": "ER",
-    "actin": "Actin", "phalloidin": "Actin", "agp": "Actin",
-    "rna": "RNA", "syto14": "RNA", "nucleoli": "RNA",
-    "mito": "Mito", "mitotracker": "Mito", "mitochondria": "Mito",
-    "golgi": "Golgi", "wga": "Golgi", "membrane": "Golgi",
+    "dna": "DNA",
+    "hoechst": "DNA",
+    "dapi": "DNA",
+    "nucleus": "DNA",
+    "nuclei": "DNA",
+    "er": "ER",
+    "cona": "ER",
+    "concanavalin": "ER",
+    "actin": "Actin",
+    "phalloidin": "Actin",
+    "agp": "Actin",
+    "rna": "RNA",
+    "syto14": "RNA",
+    "nucleoli": "RNA",
+    "mito": "Mito",
+    "mitotracker": "Mito",
+    "mitochondria": "Mito",
+    "golgi": "Golgi",
+    "wga": "Golgi",
+    "membrane": "Golgi",
 }
 
 
@@ -53,8 +68,10 @@ def canonical_name(source: str, name: str) -> str:
         return SOURCES[source][key]
     alias = ALIASES.get(key.lower().replace(" ", "").replace("-", ""))
     if alias is None:
-        raise DataError(f"channel {name!r} of source {source!r} is not in the channel registry "
-                        f"(known: {', '.join(SOURCES[source])})")
+        raise DataError(
+            f"channel {name!r} of source {source!r} is not in the channel registry "
+            f"(known: {', '.join(SOURCES[source])})"
+        )
     return alias
 
 
@@ -69,8 +86,9 @@ def canonical_order(source: str, names: Sequence[str]) -> list[tuple[str, str]]:
     return sorted(pairs, key=lambda p: CANONICAL.index(p[1]))
 
 
-def conform(images: np.ndarray, channel_names: Sequence[str], target: Sequence[str] = CANONICAL, *,
-            fill_missing: bool = False) -> np.ndarray:
+def conform(
+    images: np.ndarray, channel_names: Sequence[str], target: Sequence[str] = CANONICAL, *, fill_missing: bool = False
+) -> np.ndarray:
     """Reorder / select the last axis of `images` (..., C) from `channel_names` to the canonical names `target`.
 
     A target channel the images lack is an error, or zeros when `fill_missing`.
@@ -78,8 +96,10 @@ def conform(images: np.ndarray, channel_names: Sequence[str], target: Sequence[s
     idx = {c: i for i, c in enumerate(channel_names)}
     missing = [t for t in target if t not in idx]
     if missing and not fill_missing:
-        raise DataError(f"images have channels {list(channel_names)}, missing {missing} "
-                        f"(pass fill_missing=True to fill them with zeros)")
+        raise DataError(
+            f"images have channels {list(channel_names)}, missing {missing} "
+            f"(pass fill_missing=True to fill them with zeros)"
+        )
     out = np.zeros(images.shape[:-1] + (len(target),), images.dtype)
     for j, t in enumerate(target):
         if t in idx:

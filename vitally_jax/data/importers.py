@@ -23,12 +23,13 @@ files in one import is an error.
 Wells: `well_row` / `well_col` are 1-based (A01 -> 1, 1; rows after Z are AA, AB, ... -> 27, 28, ...).
 Every bad input raises a one-line `DataError` naming the file or row; the store is written atomically.
 """
+
 from __future__ import annotations
 
 import os
 import pathlib
 import re
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -105,8 +106,13 @@ def _read_csv(path) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------- the shared import engine
-def _site_stream(files: list[list[pathlib.Path]], ids: list[str], plates: np.ndarray,
-                 percentiles: tuple[float, float], channel_names: list[str]) -> Iterator[np.ndarray]:
+def _site_stream(
+    files: list[list[pathlib.Path]],
+    ids: list[str],
+    plates: np.ndarray,
+    percentiles: tuple[float, float],
+    channel_names: list[str],
+) -> Iterator[np.ndarray]:
     """Yield uint8 (H, W, C) per site from its channel files, scaling 16-bit data per plate and channel."""
     first = read_channel_image(files[0][0], f"image {ids[0]}, channel {channel_names[0]}")
     lohi = None
@@ -128,8 +134,9 @@ def _site_stream(files: list[list[pathlib.Path]], ids: list[str], plates: np.nda
             if img.dtype != first.dtype:
                 raise DataError(f"{f}: {img.dtype} image in a {first.dtype} import (image {ids[i]})")
             if chans and img.shape != chans[0].shape:
-                raise DataError(f"{f}: size {img.shape} differs from channel {channel_names[0]} "
-                                f"{chans[0].shape} (image {ids[i]})")
+                raise DataError(
+                    f"{f}: size {img.shape} differs from channel {channel_names[0]} {chans[0].shape} (image {ids[i]})"
+                )
             if lohi is not None:
                 lo, hi = lohi[(plates[i], c)]
                 img = np.rint(np.clip((img.astype(np.float64) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
@@ -137,8 +144,9 @@ def _site_stream(files: list[list[pathlib.Path]], ids: list[str], plates: np.nda
         yield np.stack(chans, axis=-1)
 
 
-def _write(out, meta: pd.DataFrame, files, channel_names, percentiles, attrs, *, overwrite: bool,
-           inputs) -> pathlib.Path:
+def _write(
+    out, meta: pd.DataFrame, files, channel_names, percentiles, attrs, *, overwrite: bool, inputs
+) -> pathlib.Path:
     if len(meta) == 0:
         raise DataError(f"{out}: the metadata selects no images")
     stream = _site_stream(files, meta.image_id.tolist(), meta.plate.to_numpy(), percentiles, channel_names)
@@ -154,7 +162,7 @@ def _control_columns(pert: pd.Series, negatives) -> tuple[np.ndarray, np.ndarray
 def _rxrx1_template(df: pd.DataFrame, root: pathlib.Path, channel: str) -> str:
     """RxRx1 as released keeps images/<experiment>/...; the older Kaggle copy adds a train/ or test/ folder
     (the `dataset` column): use the layout in which the first row's first channel exists."""
-    bare = RXRX1_TEMPLATE[len("{dataset}/"):]
+    bare = RXRX1_TEMPLATE[len("{dataset}/") :]
     if "dataset" in df.columns and len(df):
         first = df.iloc[0].to_dict()
         if (root / RXRX1_TEMPLATE.format(channel=channel, **first)).is_file():
@@ -162,11 +170,19 @@ def _rxrx1_template(df: pd.DataFrame, root: pathlib.Path, channel: str) -> str:
     return bare
 
 
-def import_rxrx(metadata_csv: str | os.PathLike, image_root: str | os.PathLike, out: str | os.PathLike, *,
-                path_template: str | None = None, channels: Sequence[str] = ("1", "2", "3", "4", "5", "6"),
-                concentration_unit: str = "uM", negative_controls=NEGATIVE_CONTROLS,
-                percentiles: tuple[float, float] = (0.1, 99.9), limit: int | None = None,
-                overwrite: bool = False) -> pathlib.Path:
+def import_rxrx(
+    metadata_csv: str | os.PathLike,
+    image_root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    path_template: str | None = None,
+    channels: Sequence[str] = ("1", "2", "3", "4", "5", "6"),
+    concentration_unit: str = "uM",
+    negative_controls=NEGATIVE_CONTROLS,
+    percentiles: tuple[float, float] = (0.1, 99.9),
+    limit: int | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
     """Import an RxRx1 or RxRx3(-core) folder into a store at `out` (the flavour is detected from the columns).
 
     `out` must not be, or lie inside, the image root or the CSV; an image store already there is replaced only
@@ -191,28 +207,42 @@ def import_rxrx(metadata_csv: str | os.PathLike, image_root: str | os.PathLike, 
         bad = ~kind.isin(["treatment", "negative_control", "positive_control"])
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{csv}: row {i}: well_type {df.well_type[i]!r} not one of treatment, "
-                            f"negative_control, positive_control")
+            raise DataError(
+                f"{csv}: row {i}: well_type {df.well_type[i]!r} not one of treatment, "
+                f"negative_control, positive_control"
+            )
         is_ctrl = (kind != "treatment").to_numpy()
         plate_name = df.experiment + "_" + df.plate
         wells = [parse_well(w) for w in df.well]
         site = pd.to_numeric(df.site, errors="coerce")
         if site.isna().any():
             raise DataError(f"{csv}: column 'site' must be integers (row {int(np.flatnonzero(site.isna())[0])})")
-        meta = pd.DataFrame({
-            "image_id": plate_name + "_" + df.well + "_s" + df.site,
-            "well_id": plate_name + "_" + df.well,
-            "plate": plate_name, "experiment": df.experiment,
-            "well_row": [r for r, _ in wells], "well_col": [c for _, c in wells], "site": site.astype(int),
-            "perturbation": df.sirna, "perturbation_type": np.where(is_ctrl, "control", "gene"),
-            "guide_id": df.sirna, "concentration": np.nan, "is_control": is_ctrl,
-            "control_type": np.where(kind == "negative_control", "negative",
-                                     np.where(kind == "positive_control", "positive", "")),
-        })
+        meta = pd.DataFrame(
+            {
+                "image_id": plate_name + "_" + df.well + "_s" + df.site,
+                "well_id": plate_name + "_" + df.well,
+                "plate": plate_name,
+                "experiment": df.experiment,
+                "well_row": [r for r, _ in wells],
+                "well_col": [c for _, c in wells],
+                "site": site.astype(int),
+                "perturbation": df.sirna,
+                "perturbation_type": np.where(is_ctrl, "control", "gene"),
+                "guide_id": df.sirna,
+                "concentration": np.nan,
+                "is_control": is_ctrl,
+                "control_type": np.where(
+                    kind == "negative_control", "negative", np.where(kind == "positive_control", "positive", "")
+                ),
+            }
+        )
         flavour = "rxrx1"
     else:  # RxRx3 / RxRx3-core
-        _require(df, ["experiment_name", "plate", "address", "gene", "treatment", "concentration",
-                      "perturbation_type"], str(csv))
+        _require(
+            df,
+            ["experiment_name", "plate", "address", "gene", "treatment", "concentration", "perturbation_type"],
+            str(csv),
+        )
         template = path_template or RXRX3_CORE_TEMPLATE
         if concentration_unit not in ("uM", "nM"):
             raise DataError(f"concentration_unit {concentration_unit!r}: expected 'uM' or 'nM'")
@@ -227,24 +257,37 @@ def import_rxrx(metadata_csv: str | os.PathLike, image_root: str | os.PathLike, 
         conc = conc * (1000.0 if concentration_unit == "uM" else 1.0)
         plate_name = df.experiment_name + "_" + df.plate
         wells = [parse_well(w) for w in df.address]
-        meta = pd.DataFrame({
-            "image_id": plate_name + "_" + df.address + "_s1", "well_id": plate_name + "_" + df.address,
-            "plate": plate_name, "experiment": df.experiment_name,
-            "well_row": [r for r, _ in wells], "well_col": [c for _, c in wells], "site": 1,
-            "perturbation": pert, "perturbation_type": np.where(neg, "control",
-                                                                np.where(ptype == "CRISPR", "gene", "compound")),
-            "guide_id": "", "concentration": np.where(ptype == "COMPOUND", conc, np.nan),
-            "is_control": neg, "control_type": ctype,
-        })
+        meta = pd.DataFrame(
+            {
+                "image_id": plate_name + "_" + df.address + "_s1",
+                "well_id": plate_name + "_" + df.address,
+                "plate": plate_name,
+                "experiment": df.experiment_name,
+                "well_row": [r for r, _ in wells],
+                "well_col": [c for _, c in wells],
+                "site": 1,
+                "perturbation": pert,
+                "perturbation_type": np.where(neg, "control", np.where(ptype == "CRISPR", "gene", "compound")),
+                "guide_id": "",
+                "concentration": np.where(ptype == "COMPOUND", conc, np.nan),
+                "is_control": neg,
+                "control_type": ctype,
+            }
+        )
         flavour = "rxrx3"
     rows = df.to_dict("records")
     try:
         files = [[root / template.format(channel=src, **r) for src, _ in order] for r in rows]
     except KeyError as e:
         raise DataError(f"path_template {template!r} names column {e} that {csv} lacks") from None
-    attrs = {"source": flavour, "metadata_csv": str(csv.resolve()), "image_root": str(root.resolve()),
-             "path_template": template, "source_channels": [s for s, _ in order],
-             "uint16_rule": f"per plate and channel {percentiles[0]}/{percentiles[1]} percentile scaling"}
+    attrs = {
+        "source": flavour,
+        "metadata_csv": str(csv.resolve()),
+        "image_root": str(root.resolve()),
+        "path_template": template,
+        "source_channels": [s for s, _ in order],
+        "uint16_rule": f"per plate and channel {percentiles[0]}/{percentiles[1]} percentile scaling",
+    }
     return _write(out, meta, files, [c for _, c in order], percentiles, attrs, overwrite=overwrite, inputs=inputs)
 
 
@@ -261,11 +304,19 @@ def _jump_path(pathname: str, filename: str, image_root: pathlib.Path | None, ba
     return p / filename
 
 
-def import_jump(load_data_csv: str | os.PathLike, out: str | os.PathLike, *, image_root=None,
-                channels: Sequence[str] = JUMP_CHANNELS, perturbations: pd.DataFrame | str | None = None,
-                perturbation_type: str = "compound", negative_controls=NEGATIVE_CONTROLS,
-                percentiles: tuple[float, float] = (0.1, 99.9), limit: int | None = None,
-                overwrite: bool = False) -> pathlib.Path:
+def import_jump(
+    load_data_csv: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    image_root=None,
+    channels: Sequence[str] = JUMP_CHANNELS,
+    perturbations: pd.DataFrame | str | None = None,
+    perturbation_type: str = "compound",
+    negative_controls=NEGATIVE_CONTROLS,
+    percentiles: tuple[float, float] = (0.1, 99.9),
+    limit: int | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
     """Import a JUMP cpg0016 load_data CSV (+ TIFFs) into a store at `out`.
 
     `out` is checked as in `import_rxrx` (inputs: the CSV, `image_root`, a perturbations CSV).
@@ -325,15 +376,31 @@ def import_jump(load_data_csv: str | os.PathLike, out: str | os.PathLike, *, ima
     plate = df.Metadata_Plate
     experiment = df.get("Metadata_Batch", df.get("Metadata_Source", plate))
     wells = [parse_well(w) for w in df.Metadata_Well]
-    meta = pd.DataFrame({
-        "image_id": plate + "_" + df.Metadata_Well + "_s" + df.Metadata_Site,
-        "well_id": plate + "_" + df.Metadata_Well, "plate": plate, "experiment": experiment,
-        "well_row": [r for r, _ in wells], "well_col": [c for _, c in wells], "site": site.astype(int),
-        "perturbation": pert, "perturbation_type": ptype, "guide_id": "", "concentration": conc,
-        "is_control": is_ctrl, "control_type": ctype,
-    })
-    files = [[_jump_path(r[f"PathName_Orig{s}"], r[f"FileName_Orig{s}"], root, csv.parent) for s, _ in order]
-             for r in df.to_dict("records")]
-    attrs = {"source": "jump-cpg0016", "load_data_csv": str(csv.resolve()), "source_channels": [s for s, _ in order],
-             "uint16_rule": f"per plate and channel {percentiles[0]}/{percentiles[1]} percentile scaling"}
+    meta = pd.DataFrame(
+        {
+            "image_id": plate + "_" + df.Metadata_Well + "_s" + df.Metadata_Site,
+            "well_id": plate + "_" + df.Metadata_Well,
+            "plate": plate,
+            "experiment": experiment,
+            "well_row": [r for r, _ in wells],
+            "well_col": [c for _, c in wells],
+            "site": site.astype(int),
+            "perturbation": pert,
+            "perturbation_type": ptype,
+            "guide_id": "",
+            "concentration": conc,
+            "is_control": is_ctrl,
+            "control_type": ctype,
+        }
+    )
+    files = [
+        [_jump_path(r[f"PathName_Orig{s}"], r[f"FileName_Orig{s}"], root, csv.parent) for s, _ in order]
+        for r in df.to_dict("records")
+    ]
+    attrs = {
+        "source": "jump-cpg0016",
+        "load_data_csv": str(csv.resolve()),
+        "source_channels": [s for s, _ in order],
+        "uint16_rule": f"per plate and channel {percentiles[0]}/{percentiles[1]} percentile scaling",
+    }
     return _write(out, meta, files, [c for _, c in order], percentiles, attrs, overwrite=overwrite, inputs=inputs)

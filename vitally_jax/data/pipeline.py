@@ -12,11 +12,12 @@ Inference (`inference_tiles`): every image is cut into non-overlapping `crop` x 
 starting at the top-left corner. If H or W is not a multiple of `crop`, the remainder at the bottom/right edge
 is dropped (as the paper tiles a 2048x2048 well into 64 crops of 256); an image smaller than one crop is an error.
 """
+
 from __future__ import annotations
 
 import os
 import pathlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -116,7 +117,7 @@ class _MemoryImages:
 
     def read_crop(self, i: int, y: int, x: int, size: int) -> np.ndarray:
         """image[i, y:y+size, x:x+size, :] (a view) for position i of the index."""
-        return self.images[int(i), y:y + size, x:x + size, :]
+        return self.images[int(i), y : y + size, x : x + size, :]
 
 
 class _RandomCrop:
@@ -147,11 +148,23 @@ class _RandomCrop:
         return {"image": img}
 
 
-def train_dataset(store_path: str | os.PathLike | ImageStore, *, crop: int = 256, global_batch: int, seed: int,
-                  index=None, flips: bool = True, rot90: bool = True, standardize: bool = False,
-                  process_index: int | None = None, process_count: int | None = None,
-                  num_epochs: int | None = None, read_threads: int = 8, num_workers: int = 0,
-                  in_memory: bool = False):
+def train_dataset(
+    store_path: str | os.PathLike | ImageStore,
+    *,
+    crop: int = 256,
+    global_batch: int,
+    seed: int,
+    index=None,
+    flips: bool = True,
+    rot90: bool = True,
+    standardize: bool = False,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_epochs: int | None = None,
+    read_threads: int = 8,
+    num_workers: int = 0,
+    in_memory: bool = False,
+):
     """A Grain `IterDataset` of this process's training batches `{'image': (b, crop, crop, C)}`.
 
     b = global_batch / process_count; images are uint8, or float32 self-standardised when `standardize`.
@@ -185,21 +198,15 @@ def train_dataset(store_path: str | os.PathLike | ImageStore, *, crop: int = 256
         read_threads = min(read_threads, 2)  # numpy slicing: threads only add scheduling overhead
     else:
         source, source_rows = store, rows
-    ds = ds.map_with_index(_RandomCrop(source, source_rows, crop, seed, flips, rot90, standardize,
-                                       process_index, process_count))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                              prefetch_buffer_size=max(2 * global_batch // process_count, 16)))
+    ds = ds.map_with_index(
+        _RandomCrop(source, source_rows, crop, seed, flips, rot90, standardize, process_index, process_count)
+    )
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * global_batch // process_count, 16))
+    )
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it.batch(global_batch // process_count, drop_remainder=True)
-
-
-def batch_sharding(mesh):
-    """NamedSharding that splits the leading (batch) axis over the mesh's 'data' and 'fsdp' axes (those present)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    return NamedSharding(mesh, P(axes if axes else None))
 
 
 class _ToGlobal:
@@ -218,13 +225,21 @@ def global_batches(dataset, mesh, *, prefetch: int = 2):
     thread `prefetch` batches ahead. Its iterator's `get_state()` / `set_state()` checkpoint the whole pipeline."""
     import grain
 
+    from vitally_jax.sharding import batch_sharding
+
     ds = dataset.map(_ToGlobal(batch_sharding(mesh)))
     return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
 
 
-def inference_tiles(store: str | os.PathLike | ImageStore, *, crop: int = 256, start: int = 0,
-                    stop: int | None = None, batch_size: int = 64,
-                    read_ahead: int = 4) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def inference_tiles(
+    store: str | os.PathLike | ImageStore,
+    *,
+    crop: int = 256,
+    start: int = 0,
+    stop: int | None = None,
+    batch_size: int = 64,
+    read_ahead: int = 4,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (image_index int64 (b,), tile_index int64 (b,), crops uint8 (b, crop, crop, C)) for images
     start..stop-1, every image cut into `tiles_per_image` non-overlapping tiles, row-major, remainder dropped.
 

@@ -13,6 +13,7 @@ The phenotype vector z (PHENOTYPE_DIM = 12, one per image, ~N(0, 1) scale) moves
 nucleus size, cell size, cell count, elongation, DNA, ER, actin, RNA/nucleoli, mito intensity, mito texture,
 Golgi compactness and intensity, membrane intensity.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,20 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
-PHENOTYPE_NAMES = ("nucleus_size", "cell_size", "cell_count", "elongation", "dna", "er", "actin",
-                   "rna_nucleoli", "mito", "mito_texture", "golgi", "membrane")
+PHENOTYPE_NAMES = (
+    "nucleus_size",
+    "cell_size",
+    "cell_count",
+    "elongation",
+    "dna",
+    "er",
+    "actin",
+    "rna_nucleoli",
+    "mito",
+    "mito_texture",
+    "golgi",
+    "membrane",
+)
 PHENOTYPE_DIM = len(PHENOTYPE_NAMES)
 N_CHANNELS = 6
 # base brightness of each channel (0-255 scale before gain) and the background level
@@ -148,14 +161,14 @@ class Renderer:
         fine = self._fine_flat[ti[c, 0], win]
         fine2 = self._fine_flat[ti[c, 1], win]
         coarse = self._coarse_flat[ti[c, 2], win]
-        I = inten[c]  # (K, 6)
+        inten_c = inten[c]  # (K, 6)
 
-        dna = nuc * I[:, 0] * (0.8 + 0.25 * coarse + 0.1 * fine) * (1.1 - 0.25 * rho_n)
+        dna = nuc * inten_c[:, 0] * (0.8 + 0.25 * coarse + 0.1 * fine) * (1.1 - 0.25 * rho_n)
         envelope = np.clip(1 - np.abs(rho_n - 1) * 5, 0, None)  # nuclear envelope (ER is continuous with it)
-        er = I[:, 1] * (cyto * (1 - 0.65 * rho_c) * np.clip(1 + 0.7 * fine, 0, None) + 0.25 * envelope)
+        er = inten_c[:, 1] * (cyto * (1 - 0.65 * rho_c) * np.clip(1 + 0.7 * fine, 0, None) + 0.25 * envelope)
         ring = np.exp(-np.square((rho_c - 0.9) * np.float32(1 / 0.12)))
         fibres = 0.5 + 0.5 * np.cos(ac * np.float32(2 * np.pi / max(2.5, self.radius / 4)) + 3 * coarse)
-        actin = cell * I[:, 2] * (0.25 + 0.7 * ring + (0.6 * fibre_amp)[c] * fibres)
+        actin = cell * inten_c[:, 2] * (0.25 + 0.7 * ring + (0.6 * fibre_amp)[c] * fibres)
         # nucleoli: up to 3 spots, evaluated on nucleus pixels only; their number grows with z_rna
         ins = np.flatnonzero(nuc > 0)
         ci = c[ins]
@@ -164,13 +177,13 @@ class Renderer:
         for j in range(3):
             d2 = np.square(nu[ins] - spot_pos[ci, j, 0]) + np.square(nv[ins] - spot_pos[ci, j, 1])
             nucleoli[ins] += (n_nucleoli > j)[ci] * np.exp(-d2 * inv_var2[ci])
-        rna = I[:, 3] * (nuc * (0.2 + 1.1 * nucleoli) + cyto * 0.35 * np.clip(1 + 0.5 * coarse, 0, None))
+        rna = inten_c[:, 3] * (nuc * (0.2 + 1.1 * nucleoli) + cyto * 0.35 * np.clip(1 + 0.5 * coarse, 0, None))
         mt = mito_tex[c]
-        mito = cyto * I[:, 4] * (1 - 0.45 * rho_c) * np.clip(fine2 * mt + 0.5 - 0.3 * mt, 0, None)
+        mito = cyto * inten_c[:, 4] * (1 - 0.45 * rho_c) * np.clip(fine2 * mt + 0.5 - 0.3 * mt, 0, None)
         gy = nuc_off[:, 0] + 1.05 * r_nuc * np.cos(gdir)
         gx = nuc_off[:, 1] + 1.05 * r_nuc * np.sin(gdir)
         golgi = np.exp(-(np.square(al - gy[c]) + np.square(ac - gx[c])) * (1 / (2 * np.square(golgi_sd)))[c]) * cyto
-        memb = I[:, 5] * (0.8 * ring * cell + (1.2 * golgi_amp)[c] * golgi + 0.1 * cyto)
+        memb = inten_c[:, 5] * (0.8 * ring * cell + (1.2 * golgi_amp)[c] * golgi + 0.1 * cyto)
 
         # ---- scatter-add into (B, S, S) per channel ----
         flat = owner[c] * (s * s) + iy * s + ix
@@ -191,8 +204,12 @@ class Renderer:
         t = (np.arange(s, dtype=np.float32) + 0.5) / s - 0.5
         out = np.empty(img.shape, np.uint8)
         for i in range(b):
-            field = (1 + im.gradient[i, 0] * t[:, None] + im.gradient[i, 1] * t[None, :]
-                     - 2 * im.vignette[i] * (t[:, None] ** 2 + t[None, :] ** 2))
+            field = (
+                1
+                + im.gradient[i, 0] * t[:, None]
+                + im.gradient[i, 1] * t[None, :]
+                - 2 * im.vignette[i] * (t[:, None] ** 2 + t[None, :] ** 2)
+            )
             g = field[..., None] * im.gain[i]  # (S, S, 6)
             x = img[i]
             x += _BACKGROUND
@@ -202,7 +219,7 @@ class Renderer:
             if sd >= 0.3:  # optics: defocus differs between batches (none below 0.3 px)
                 gaussian_filter1d(x, sd, axis=0, output=x, mode="nearest", truncate=2.5)
                 gaussian_filter1d(x, sd, axis=1, output=x, mode="nearest", truncate=2.5)
-            noise = self._noise[starts[i]:starts[i] + n].reshape(x.shape)
+            noise = self._noise[starts[i] : starts[i] + n].reshape(x.shape)
             g = np.multiply(x, np.float32(0.06), out=g)
             g += np.float32(1.2)
             g *= noise
@@ -245,7 +262,7 @@ def save_montage(images: np.ndarray, path, *, columns: int = 4, labels=None, ove
     grid = np.zeros((rows * (h + 2), columns * (w + 2), 3), np.uint8)
     for i in range(b):
         r, c = divmod(i, columns)
-        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = rgb[i]
+        grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = rgb[i]
     im = Image.fromarray(grid)
     if labels is not None:
         draw = ImageDraw.Draw(im)

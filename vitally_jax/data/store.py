@@ -12,12 +12,14 @@ Layout of a store folder (see docs/architecture.md, "Data contract"):
 `write_store` builds everything in a temporary folder and renames it into place, so a failed import never
 leaves a partial store behind.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,8 +69,10 @@ def normalize_metadata(metadata: pd.DataFrame, *, source: str = "metadata") -> p
         raise DataError(f"{source}: missing required column(s) {', '.join(missing)}")
     extra = [c for c in metadata.columns if c not in METADATA_COLUMNS]
     if extra:
-        raise DataError(f"{source}: unexpected column(s) {', '.join(map(str, extra))}; "
-                        f"expected exactly {', '.join(METADATA_COLUMNS)}")
+        raise DataError(
+            f"{source}: unexpected column(s) {', '.join(map(str, extra))}; "
+            f"expected exactly {', '.join(METADATA_COLUMNS)}"
+        )
     out = {}
     for col, kind in METADATA_COLUMNS.items():
         s = metadata[col].reset_index(drop=True)
@@ -85,7 +89,7 @@ def normalize_metadata(metadata: pd.DataFrame, *, source: str = "metadata") -> p
                 if s.isna().any():
                     raise ValueError("missing values")
                 vals = set(pd.unique(s))
-                if not vals <= {True, False, 0, 1}:
+                if not vals <= {True, False}:
                     raise ValueError(f"values {sorted(map(str, vals))[:3]}")
                 out[col] = s.astype(bool)
         except (ValueError, TypeError) as e:
@@ -94,13 +98,17 @@ def normalize_metadata(metadata: pd.DataFrame, *, source: str = "metadata") -> p
     bad = ~df["perturbation_type"].isin(PERTURBATION_TYPES)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{source}: row {i} ({df.image_id[i]}): perturbation_type "
-                        f"{df.perturbation_type[i]!r} not one of {PERTURBATION_TYPES}")
+        raise DataError(
+            f"{source}: row {i} ({df.image_id[i]}): perturbation_type "
+            f"{df.perturbation_type[i]!r} not one of {PERTURBATION_TYPES}"
+        )
     bad = ~df["control_type"].isin(CONTROL_TYPES)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{source}: row {i} ({df.image_id[i]}): control_type {df.control_type[i]!r} "
-                        f"not one of 'negative', 'positive', ''")
+        raise DataError(
+            f"{source}: row {i} ({df.image_id[i]}): control_type {df.control_type[i]!r} "
+            f"not one of 'negative', 'positive', ''"
+        )
     if (df["image_id"] == "").any():
         i = int(np.flatnonzero(df["image_id"] == "")[0])
         raise DataError(f"{source}: row {i}: empty image_id")
@@ -151,16 +159,21 @@ def _zarr_spec(path: pathlib.Path, shape: Sequence[int], images_per_shard: int) 
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": outer}},
             "chunk_key_encoding": {"name": "default"},
             "dimension_names": ["image", "y", "x", "channel"],
-            "codecs": [{
-                "name": "sharding_indexed",
-                "configuration": {
-                    "chunk_shape": inner,
-                    # crc32c: a damaged tile fails to read instead of decoding to wrong pixels
-                    "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 3}}, {"name": "crc32c"}],
-                    "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                                     {"name": "crc32c"}],
-                },
-            }],
+            "codecs": [
+                {
+                    "name": "sharding_indexed",
+                    "configuration": {
+                        "chunk_shape": inner,
+                        # crc32c: a damaged tile fails to read instead of decoding to wrong pixels
+                        "codecs": [
+                            {"name": "bytes"},
+                            {"name": "zstd", "configuration": {"level": 3}},
+                            {"name": "crc32c"},
+                        ],
+                        "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                    },
+                }
+            ],
         },
         "create": True,
         "delete_existing": True,
@@ -181,9 +194,16 @@ def _check_image(img: Any, i: int, expect: tuple | None, image_id: str) -> np.nd
     return img
 
 
-def write_store(path: str | os.PathLike, images: np.ndarray | Iterable[np.ndarray], metadata: pd.DataFrame,
-                channel_names: Sequence[str], attrs: dict | None = None, *, overwrite: bool = False,
-                inputs: Sequence[str | os.PathLike] = ()) -> pathlib.Path:
+def write_store(
+    path: str | os.PathLike,
+    images: np.ndarray | Iterable[np.ndarray],
+    metadata: pd.DataFrame,
+    channel_names: Sequence[str],
+    attrs: dict | None = None,
+    *,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+) -> pathlib.Path:
     """Write a store folder atomically; returns its path.
 
     images: uint8 array (N, H, W, C) or an iterable of N uint8 arrays (H, W, C) (a generator is consumed once,
@@ -230,8 +250,7 @@ def write_store(path: str | os.PathLike, images: np.ndarray | Iterable[np.ndarra
         first = _check_image(first, 0, None, ids[0])
         h, w, c = first.shape
         if c != len(channel_names):
-            raise DataError(f"image 0 ({ids[0]}): {c} channels but {len(channel_names)} channel names "
-                            f"{channel_names}")
+            raise DataError(f"image 0 ({ids[0]}): {c} channels but {len(channel_names)} channel names {channel_names}")
         per_shard = int(max(1, min(n, SHARD_BYTES // (h * w * c))))
         arr = ts.open(_zarr_spec(tmp / IMAGES, (n, h, w, c), per_shard)).result()
         buf = np.empty((per_shard, h, w, c), np.uint8)
@@ -239,19 +258,24 @@ def write_store(path: str | os.PathLike, images: np.ndarray | Iterable[np.ndarra
         filled, start = 1, 0
         for i in range(1, n):
             if filled == per_shard:
-                arr[start:start + filled].write(buf[:filled]).result()
+                arr[start : start + filled].write(buf[:filled]).result()
                 start, filled = start + filled, 0
             img = next(it, None)
             if img is None:
                 raise DataError(f"{path}: only {i} images for {n} metadata rows")
             buf[filled] = _check_image(img, i, (h, w, c), ids[i])
             filled += 1
-        arr[start:start + filled].write(buf[:filled]).result()
+        arr[start : start + filled].write(buf[:filled]).result()
         if next(it, None) is not None:
             raise DataError(f"{path}: more images than the {n} metadata rows")
         meta.to_parquet(tmp / METADATA, index=False)
-        info = {ARTEFACT_KEY: KIND, "format_version": FORMAT_VERSION, "shape": [n, h, w, c], "channel_names": channel_names,
-                "attrs": attrs or {}}
+        info = {
+            ARTEFACT_KEY: KIND,
+            "format_version": FORMAT_VERSION,
+            "shape": [n, h, w, c],
+            "channel_names": channel_names,
+            "attrs": attrs or {},
+        }
         (tmp / STORE_JSON).write_text(json.dumps(info, indent=1))
     return path
 
@@ -271,12 +295,11 @@ class ImageStore:
         self._arr = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "ImageStore":
+    def open(cls, path: str | os.PathLike) -> ImageStore:
         """Open a store folder; one-line `DataError` if it is missing pieces or inconsistent."""
         path = pathlib.Path(path)
         if not path.is_dir():
-            raise DataError(f"{path}: no image store here (expected a folder with {IMAGES}, {METADATA}, "
-                            f"{STORE_JSON})")
+            raise DataError(f"{path}: no image store here (expected a folder with {IMAGES}, {METADATA}, {STORE_JSON})")
         for name in (IMAGES, METADATA, STORE_JSON):
             if not (path / name).exists():
                 raise DataError(f"{path}: not an image store, {name} is missing")
@@ -318,8 +341,10 @@ class ImageStore:
             except ValueError as e:
                 raise DataError(f"{self.path / IMAGES}: cannot open image array ({e})") from None
             if tuple(self._arr.shape) != self.shape or self._arr.dtype.numpy_dtype != np.uint8:
-                raise DataError(f"{self.path / IMAGES}: array {self._arr.shape} {self._arr.dtype}, expected "
-                                f"{self.shape} uint8 as in {STORE_JSON}")
+                raise DataError(
+                    f"{self.path / IMAGES}: array {self._arr.shape} {self._arr.dtype}, expected "
+                    f"{self.shape} uint8 as in {STORE_JSON}"
+                )
             self._check_shards(int(self._arr.chunk_layout.write_chunk.shape[0]))
         return self._arr
 
@@ -331,9 +356,11 @@ class ImageStore:
         missing = [k for k in range(n_shards) if str(k) not in present]
         if missing:
             k = missing[0]
-            raise DataError(f"{self.path / IMAGES}: {len(missing)} of {n_shards} image files missing (first: c/{k}, "
-                            f"images {k * per_shard}..{min(self.shape[0], (k + 1) * per_shard) - 1}); "
-                            "the store is incomplete")
+            raise DataError(
+                f"{self.path / IMAGES}: {len(missing)} of {n_shards} image files missing (first: c/{k}, "
+                f"images {k * per_shard}..{min(self.shape[0], (k + 1) * per_shard) - 1}); "
+                "the store is incomplete"
+            )
 
     def read(self, i: int) -> np.ndarray:
         """Image i as uint8 (H, W, C)."""
@@ -341,26 +368,28 @@ class ImageStore:
 
     def read_many(self, start: int, stop: int) -> np.ndarray:
         """Images start..stop-1 as uint8 (stop-start, H, W, C)."""
-        return self.result(self.array[int(start):int(stop)].read(), f"images {start}..{stop - 1}")
+        return self.result(self.array[int(start) : int(stop)].read(), f"images {start}..{stop - 1}")
 
     def read_crop(self, i: int, y: int, x: int, size: int) -> np.ndarray:
         """The crop image[i, y:y+size, x:x+size, :] as uint8 (size, size, C); must lie inside the image."""
         _, h, w, _ = self.shape
         if not (0 <= y <= h - size and 0 <= x <= w - size):
             raise DataError(f"{self.path}: crop ({y}, {x}) of size {size} outside the {h}x{w} image {i}")
-        return self.result(self.array[int(i), y:y + size, x:x + size, :].read(), f"image {i}")
+        return self.result(self.array[int(i), y : y + size, x : x + size, :].read(), f"image {i}")
 
     def result(self, future, what: str = "images") -> np.ndarray:
         """Wait for a read future; a damaged or truncated image file becomes a one-line `DataError`."""
         try:
             return future.result()
         except ValueError as e:
-            raise DataError(f"{self.path / IMAGES}: cannot read {what}, the image data is damaged "
-                            f"({' '.join(str(e).split())[:240]})") from None
+            raise DataError(
+                f"{self.path / IMAGES}: cannot read {what}, the image data is damaged "
+                f"({' '.join(str(e).split())[:240]})"
+            ) from None
 
     def read_crop_async(self, i: int, y: int, x: int, size: int):
         """A TensorStore future for `read_crop` (call `.result()`); lets callers overlap many reads."""
-        return self.array[int(i), y:y + size, x:x + size, :].read()
+        return self.array[int(i), y : y + size, x : x + size, :].read()
 
     def index_of(self, image_ids: Iterable[str], *, source: str = "index") -> np.ndarray:
         """Row numbers (int64) of the given image ids, in the given order; `DataError` naming unknown ids."""
@@ -369,6 +398,7 @@ class ImageStore:
         rows = pos.get_indexer(ids)
         if (rows < 0).any():
             bad = ids[int(np.flatnonzero(rows < 0)[0])]
-            raise DataError(f"{source}: image_id {bad!r} is not in the store {self.path} "
-                            f"({int((rows < 0).sum())} unknown)")
+            raise DataError(
+                f"{source}: image_id {bad!r} is not in the store {self.path} ({int((rows < 0).sum())} unknown)"
+            )
         return rows.astype(np.int64)

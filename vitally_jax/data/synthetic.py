@@ -18,6 +18,7 @@ World model (all deterministic from `SyntheticConfig.seed`):
 `generate_screen(path, cfg)` writes a store (`store.py`) plus the ground truth: `genes.parquet`,
 `compound_targets.parquet` (RxRx3-core form: compound, gene, concentration in nM), `world_pairs.parquet`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,7 +79,7 @@ class SyntheticConfig:
     edge_effect: float = 0.15
     seed: int = 0
 
-    def replace(self, **kw) -> "SyntheticConfig":
+    def replace(self, **kw) -> SyntheticConfig:
         return dataclasses.replace(self, **kw)
 
 
@@ -87,12 +88,30 @@ PRESETS = {
     "tiny": SyntheticConfig(),
     # a CPU demo: ~2,600 wells at 128x128 in 6 experiments, near-confluent fields as in real Cell Painting,
     # ~20 s to generate on 2 cores
-    "demo": SyntheticConfig(n_genes=300, guides_per_gene=2, n_compounds=40, n_experiments=6, replicates=3,
-                            plate_format=384, image_size=128, cell_radius=10.0, cells_per_image=45.0),
+    "demo": SyntheticConfig(
+        n_genes=300,
+        guides_per_gene=2,
+        n_compounds=40,
+        n_experiments=6,
+        replicates=3,
+        plate_format=384,
+        image_size=128,
+        cell_radius=10.0,
+        cells_per_image=45.0,
+    ),
     # an accelerator-scale run: ~50k wells at 256x256 on 1536-well plates
-    "full": SyntheticConfig(n_genes=1500, guides_per_gene=4, n_compounds=400, n_experiments=12, replicates=6,
-                            concentrations_nM=(1.0, 10.0, 100.0, 1000.0, 3000.0, 10000.0),
-                            plate_format=1536, image_size=256, cell_radius=16.0, cells_per_image=28.0),
+    "full": SyntheticConfig(
+        n_genes=1500,
+        guides_per_gene=4,
+        n_compounds=400,
+        n_experiments=12,
+        replicates=6,
+        concentrations_nM=(1.0, 10.0, 100.0, 1000.0, 3000.0, 10000.0),
+        plate_format=1536,
+        image_size=256,
+        cell_radius=16.0,
+        cells_per_image=28.0,
+    ),
 }
 
 
@@ -118,18 +137,10 @@ def _check(cfg: SyntheticConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- biology
-def _annotation_text(name: str) -> str:
-    return importlib.resources.files("vitally_jax.annotations").joinpath(name).read_text()
-
-
 def _complexes(max_size: int) -> list[tuple[str, list[str]]]:
-    out = []
-    for line in _annotation_text("CORUM_clusters.tsv").splitlines():
-        name, _, genes = line.partition("\t")
-        g = list(dict.fromkeys(genes.split()))
-        if 3 <= len(g) <= max_size:
-            out.append((name, g))
-    return out
+    from vitally_jax.annotations import read_clusters
+
+    return [(name, g) for name, g in read_clusters("CORUM") if 3 <= len(g) <= max_size]
 
 
 @functools.lru_cache(maxsize=1)
@@ -252,7 +263,7 @@ def make_layout(cfg: SyntheticConfig, genes: pd.DataFrame, pheno: np.ndarray, co
         for r in range(cfg.replicates):
             per_exp[(offsets[unit[0]] + r) % cfg.n_experiments].append(u)
     pos_dir = rng.standard_normal(PHENOTYPE_DIM)
-    pos_dir = (pos_dir / np.linalg.norm(pos_dir) * 2.5 * cfg.phenotype_scale * np.sqrt(PHENOTYPE_DIM))
+    pos_dir = pos_dir / np.linalg.norm(pos_dir) * 2.5 * cfg.phenotype_scale * np.sqrt(PHENOTYPE_DIM)
     n_rows, n_cols = PLATE_FORMATS[cfg.plate_format]
     wells_per_plate = n_rows * n_cols
     n_pos = cfg.positive_controls_per_plate
@@ -266,8 +277,10 @@ def make_layout(cfg: SyntheticConfig, genes: pd.DataFrame, pheno: np.ndarray, co
         n_plates = int(np.ceil(len(members) / capacity))
         if cfg.plates_per_experiment is not None:
             if n_plates > cfg.plates_per_experiment:
-                raise ConfigError(f"experiment {e} needs {n_plates} plates of {cfg.plate_format} wells, more than "
-                                  f"plates_per_experiment={cfg.plates_per_experiment}")
+                raise ConfigError(
+                    f"experiment {e} needs {n_plates} plates of {cfg.plate_format} wells, more than "
+                    f"plates_per_experiment={cfg.plates_per_experiment}"
+                )
             n_plates = cfg.plates_per_experiment
         exp = f"EXP{e + 1:02d}"
         for p, chunk in enumerate(np.array_split(np.asarray(members, int), n_plates)):
@@ -287,8 +300,21 @@ def make_layout(cfg: SyntheticConfig, genes: pd.DataFrame, pheno: np.ndarray, co
                     rec, zz = ("POSITIVE_CONTROL", "control", "", np.nan, True, "positive"), pos_dir
                 records.append((f"{plate}_{name}_s1", f"{plate}_{name}", plate, exp, row + 1, col + 1, 1) + rec)
                 z.append(zz)
-    cols = ["image_id", "well_id", "plate", "experiment", "well_row", "well_col", "site", "perturbation",
-            "perturbation_type", "guide_id", "concentration", "is_control", "control_type"]
+    cols = [
+        "image_id",
+        "well_id",
+        "plate",
+        "experiment",
+        "well_row",
+        "well_col",
+        "site",
+        "perturbation",
+        "perturbation_type",
+        "guide_id",
+        "concentration",
+        "is_control",
+        "control_type",
+    ]
     return pd.DataFrame(records, columns=cols), np.asarray(z, np.float32)
 
 
@@ -301,12 +327,16 @@ def make_imaging(cfg: SyntheticConfig, meta: pd.DataFrame) -> Imaging:
     j = cfg.plate_jitter
 
     def per_exp_plate(sigma, shape=()):
-        return (sigma * rng.standard_normal((n_e, *shape)))[exp_idx] + \
-            (j * sigma * rng.standard_normal((len(plates), *shape)))[plate_idx]
+        return (sigma * rng.standard_normal((n_e, *shape)))[exp_idx] + (
+            j * sigma * rng.standard_normal((len(plates), *shape))
+        )[plate_idx]
 
     n_rows, n_cols = PLATE_FORMATS[cfg.plate_format]
-    edge = ((meta.well_row == 1) | (meta.well_row == n_rows) | (meta.well_col == 1) |
-            (meta.well_col == n_cols)).to_numpy().astype(np.float32)
+    edge = (
+        ((meta.well_row == 1) | (meta.well_row == n_rows) | (meta.well_col == 1) | (meta.well_col == n_cols))
+        .to_numpy()
+        .astype(np.float32)
+    )
     gain = np.exp(per_exp_plate(cfg.gain_sigma, (6,)) + cfg.edge_effect * edge[:, None])
     offset = np.abs(rng.uniform(0, cfg.offset_max, (n_e, 6))[exp_idx] + per_exp_plate(cfg.offset_max * 0.1, (6,)))
     grad_dir = rng.uniform(0, 2 * np.pi, n_e)[exp_idx]
@@ -325,8 +355,15 @@ def _take(im: Imaging, sl: slice) -> Imaging:
     return Imaging(*(getattr(im, f.name)[sl] for f in dataclasses.fields(Imaging)))
 
 
-def render_wells(cfg: SyntheticConfig, z: np.ndarray, imaging: Imaging, start: int = 0, stop: int | None = None,
-                 *, threads: int | None = None):
+def render_wells(
+    cfg: SyntheticConfig,
+    z: np.ndarray,
+    imaging: Imaging,
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    threads: int | None = None,
+):
     """Yield uint8 images (S, S, 6) of wells start..stop-1, in order.
 
     Wells are drawn in fixed batches of `_RENDER_BATCH`; batch k uses the generator (seed, 5, k), so a well
@@ -348,7 +385,7 @@ def render_wells(cfg: SyntheticConfig, z: np.ndarray, imaging: Imaging, start: i
     starts = list(range(start - start % _RENDER_BATCH, stop, _RENDER_BATCH))
     threads = threads or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
-        pending = [pool.submit(batch, b0) for b0 in starts[:threads + 1]]
+        pending = [pool.submit(batch, b0) for b0 in starts[: threads + 1]]
         for k, b0 in enumerate(starts):
             imgs = pending.pop(0).result()
             if k + threads + 1 < len(starts):
@@ -369,12 +406,14 @@ def build_world(cfg: SyntheticConfig):
 
 def config_attrs(cfg: SyntheticConfig) -> dict:
     """The world's settings as stored in the store's attrs (JSON types)."""
-    return json.loads(json.dumps({k: (list(v) if isinstance(v, tuple) else v)
-                                  for k, v in dataclasses.asdict(cfg).items()}))
+    return json.loads(
+        json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()})
+    )
 
 
-def generate_screen(path: str | os.PathLike, cfg: SyntheticConfig | str = "tiny", *,
-                    overwrite: bool = False) -> pathlib.Path:
+def generate_screen(
+    path: str | os.PathLike, cfg: SyntheticConfig | str = "tiny", *, overwrite: bool = False
+) -> pathlib.Path:
     """Generate a synthetic screen into the store folder `path` (atomically) and return the path.
 
     Besides the store files, the folder gets genes.parquet, compound_targets.parquet and world_pairs.parquet.

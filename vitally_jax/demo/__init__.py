@@ -17,6 +17,7 @@ everything after it):
   benchmarks  recall per annotation source, replicate consistency, compound-gene activity, mAP
   report      report.html (self-contained), results.json, results.csv
 """
+
 from __future__ import annotations
 
 import os
@@ -61,14 +62,21 @@ def run_pipeline(config, workdir: str | os.PathLike | None = None) -> dict:
     log(f"workdir {workdir.resolve()}")
     o: dict = {}
     o["screen"] = runner.run("screen", _section(config, "screen"), lambda: stage_screen(config, workdir))
-    o["curate"] = runner.run("curate", _section(config, "curate"),
-                             lambda: stage_curate(config, workdir, o["screen"]["store"]))
-    o["pretrain"] = runner.run("pretrain", _section(config, "train"),
-                               lambda: stage_pretrain(config, workdir, o["screen"]["store"], o["curate"]["index"],
-                                                      runner.current_fingerprint))
-    o["embed"] = runner.run("embed", _section(config, "embed"),
-                            lambda: stage_embed(config, workdir, o["screen"]["store"], o["pretrain"]["encoder"],
-                                                runner.current_fingerprint))
+    o["curate"] = runner.run(
+        "curate", _section(config, "curate"), lambda: stage_curate(config, workdir, o["screen"]["store"])
+    )
+    o["pretrain"] = runner.run(
+        "pretrain",
+        _section(config, "train"),
+        lambda: stage_pretrain(config, workdir, o["screen"]["store"], o["curate"]["index"], runner.current_fingerprint),
+    )
+    o["embed"] = runner.run(
+        "embed",
+        _section(config, "embed"),
+        lambda: stage_embed(
+            config, workdir, o["screen"]["store"], o["pretrain"]["encoder"], runner.current_fingerprint
+        ),
+    )
     o["probe"] = runner.run("probe", _section(config, "probe"), lambda: stage_probe(config, workdir, o))
     o["maps"] = runner.run("maps", _section(config, "bench"), lambda: stage_maps(config, workdir, o))
     o["benchmarks"] = runner.run("benchmarks", _section(config, "bench"), lambda: stage_benchmarks(config, workdir, o))

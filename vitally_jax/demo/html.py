@@ -12,6 +12,7 @@ Usage::
 The plotting helpers return PNG bytes (matplotlib, Agg backend) so they can be embedded, saved, or checked.
 `report_images(path)` decodes every embedded image again (used by tests to check none is broken or blank).
 """
+
 from __future__ import annotations
 
 import base64
@@ -22,7 +23,7 @@ import math
 import os
 import pathlib
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import matplotlib
 
@@ -81,8 +82,9 @@ class Report:
         if caption:
             self._parts.append(f'<p class="caption">{html.escape(caption)}</p>')
 
-    def figure(self, png: bytes, *, caption: str | None = None, alt: str = "figure",
-               max_width: str | None = None) -> None:
+    def figure(
+        self, png: bytes, *, caption: str | None = None, alt: str = "figure", max_width: str | None = None
+    ) -> None:
         """Embed PNG bytes; `max_width` (CSS, e.g. "480px") limits the displayed width."""
         b64 = base64.b64encode(png).decode("ascii")
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
@@ -92,9 +94,11 @@ class Report:
 
     def render(self) -> str:
         body = "\n".join(self._parts)
-        return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-                f"<title>{html.escape(self.title)}</title><style>{_CSS}</style></head>\n"
-                f"<body><h1>{html.escape(self.title)}</h1>\n{body}\n</body></html>\n")
+        return (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(self.title)}</title><style>{_CSS}</style></head>\n"
+            f"<body><h1>{html.escape(self.title)}</h1>\n{body}\n</body></html>\n"
+        )
 
     def write(self, path: str | os.PathLike) -> pathlib.Path:
         """Write the page atomically; returns the path."""
@@ -112,7 +116,7 @@ def _fmt(v, digits: int) -> tuple[str, bool]:
         v = float(v)
         if not math.isfinite(v):
             return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"), False
-        if v != 0 and (abs(v) >= 1e5 or abs(v) < 10 ** -digits):
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 10**-digits):
             return f"{v:.{digits}g}", False
         return f"{v:.{digits}f}", False
     return str(v), True
@@ -122,7 +126,8 @@ def html_table(df: pd.DataFrame, *, digits: int = 3) -> str:
     """DataFrame -> escaped HTML table; numbers right-aligned with `digits` decimals, text left-aligned."""
     head = "".join(
         f'<th class="{"txt" if not pd.api.types.is_numeric_dtype(df[c]) else "num"}">{html.escape(str(c))}</th>'
-        for c in df.columns)
+        for c in df.columns
+    )
     rows = []
     for rec in df.itertuples(index=False):
         cells = []
@@ -134,8 +139,9 @@ def html_table(df: pd.DataFrame, *, digits: int = 3) -> str:
 
 
 # ------------------------------------------------------------------------------------------ results files
-def write_results(results: pd.DataFrame, out_dir: str | os.PathLike, *,
-                  extra: dict | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+def write_results(
+    results: pd.DataFrame, out_dir: str | os.PathLike, *, extra: dict | None = None
+) -> tuple[pathlib.Path, pathlib.Path]:
     """Write `results.csv` and `results.json` (rows + optional `extra` dict) atomically into `out_dir`."""
     out_dir = pathlib.Path(out_dir)
     csv_path, json_path = out_dir / "results.csv", out_dir / "results.json"
@@ -201,8 +207,9 @@ def _stretch(x: np.ndarray) -> np.ndarray:
     return np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
 
 
-def training_curves(metrics: pd.DataFrame, *,
-                    keys: Iterable[str] = ("loss", "loss_rec", "loss_fourier", "lr")) -> bytes:
+def training_curves(
+    metrics: pd.DataFrame, *, keys: Iterable[str] = ("loss", "loss_rec", "loss_fourier", "lr")
+) -> bytes:
     """Loss terms and learning rate against step. metrics: one row per logged step with a `step` column."""
     keys = [k for k in keys if k in metrics.columns and metrics[k].notna().any()]
     if "step" not in metrics.columns or not keys:
@@ -309,14 +316,16 @@ def report_numeric_cells(path: str | os.PathLike) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ provenance
-def versions() -> dict[str, str]:
-    """Versions of Python and the main libraries in this run."""
+def environment() -> dict[str, str]:
+    """Python, platform, the library versions recorded with checkpoints (`vitally_jax.checkpoint.versions`),
+    the other main libraries of this run and the devices."""
     import importlib.metadata as md
     import platform
 
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("vitally_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore",
-                "numpy", "scikit-learn", "pandas", "matplotlib"):
+    from vitally_jax.checkpoint import versions
+
+    out = {"python": platform.python_version(), "platform": platform.platform(), **versions()}
+    for pkg in ("jaxlib", "grain", "tensorstore", "numpy", "scikit-learn", "pandas", "matplotlib"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -6,14 +6,15 @@ Benchmarks per map: known-relationship recall per annotation source (and the syn
 replicate consistency against pseudo-perturbations made of control wells, compound-gene activity (RxRx3-core
 style), and copairs-style mAP (phenotypic activity; consistency of CORUM complexes).
 """
+
 from __future__ import annotations
 
 import pathlib
 import time
 
 from vitally_jax.demo.stages import _csv, load_features, log, well_table
-from vitally_jax.fileio import write_npy, write_parquet
 from vitally_jax.errors import ConfigError
+from vitally_jax.fileio import write_npy, write_parquet
 
 MODELS = ("mae_bstar", "mae_last", "random_init", "image_stats")
 ALIGN_METHODS = {"unaligned": "none", "pca_centerscale": "pca_centerscale", "tvn": "tvn"}
@@ -21,8 +22,12 @@ ALIGN_METHODS = {"unaligned": "none", "pca_centerscale": "pca_centerscale", "tvn
 
 def model_labels(b_star: int, depth: int) -> dict[str, str]:
     """Display names of the four models of the demo."""
-    return {"mae_bstar": f"MAE block {b_star} (b*)", "mae_last": f"MAE block {depth} (last)",
-            "random_init": f"random-init ViT block {depth}", "image_stats": "image statistics"}
+    return {
+        "mae_bstar": f"MAE block {b_star} (b*)",
+        "mae_last": f"MAE block {depth} (last)",
+        "random_init": f"random-init ViT block {depth}",
+        "image_stats": "image statistics",
+    }
 
 
 def stage_maps(config, workdir: pathlib.Path, outputs: dict) -> dict:
@@ -33,8 +38,12 @@ def stage_maps(config, workdir: pathlib.Path, outputs: dict) -> dict:
 
     feats = load_features(workdir, outputs, outputs["probe"].get("pooling", config.probe.pooling))
     depth, b_star = int(outputs["embed"]["depth"]), int(outputs["probe"]["b_star_used"])
-    pick = {"mae_bstar": ("mae", b_star), "mae_last": ("mae", depth), "random_init": ("random_init", depth),
-            "image_stats": ("image_stats", 0)}
+    pick = {
+        "mae_bstar": ("mae", b_star),
+        "mae_last": ("mae", depth),
+        "random_init": ("random_init", depth),
+        "image_stats": ("image_stats", 0),
+    }
     selected = {}
     for model, (src, block) in pick.items():
         blocks, f = feats[src]
@@ -51,14 +60,17 @@ def stage_maps(config, workdir: pathlib.Path, outputs: dict) -> dict:
     for model in MODELS:
         x = wells_f[model][0].astype(np.float64)
         for a in alignments:
-            y = align(x, wells, method=ALIGN_METHODS[a], batch_col=config.bench.batch_col,
-                                n_components=n_comp)
+            y = align(x, wells, method=ALIGN_METHODS[a], batch_col=config.bench.batch_col, n_components=n_comp)
             path = out_dir / f"{model}__{a}.npy"
             write_npy(path, y.astype(np.float32))
             files[f"{model}__{a}"] = str(path)
     log(f"  {len(files)} maps: {len(MODELS)} models x {len(alignments)} alignments, {len(wells)} wells")
-    return {"dir": str(out_dir), "wells": str(out_dir / "wells.parquet"), "files": files,
-            "labels": model_labels(b_star, depth)}
+    return {
+        "dir": str(out_dir),
+        "wells": str(out_dir / "wells.parquet"),
+        "files": files,
+        "labels": model_labels(b_star, depth),
+    }
 
 
 def _control_groups(wells, rows, size: int, seed: int):
@@ -92,9 +104,15 @@ def benchmark_map(x, wells, *, world_pairs, compound_targets, config) -> tuple[d
     if world_pairs is not None:
         sources["synthetic world"] = world_pairs
     rec = known_relationship_recall(gmap, genes, sources=sources)
-    recall_rows = [{"source": r["source"], "recall": float(r["recall_0.05_0.95"]),
-                    "recall_10_90": float(r["recall_0.1_0.9"]), "pairs": int(r["query_distribution_size"])}
-                   for r in rec.to_dict("records")]
+    recall_rows = [
+        {
+            "source": r["source"],
+            "recall": float(r["recall_0.05_0.95"]),
+            "recall_10_90": float(r["recall_0.1_0.9"]),
+            "pairs": int(r["query_distribution_size"]),
+        }
+        for r in rec.to_dict("records")
+    ]
     for r in recall_rows:
         row[f"recall {r['source']}"] = r["recall"]
 
@@ -117,8 +135,9 @@ def benchmark_map(x, wells, *, world_pairs, compound_targets, config) -> tuple[d
         key = np.array([f"{p}\x1f{c:g}" for p, c in zip(pert[comp_rows], conc)], dtype=object)
         cmap, ckeys, _ = aggregate_arrays(x[comp_rows], key)
         scores = compound_gene_scores(cmap, [k.split("\x1f")[0] for k in ckeys], gmap, genes)
-        act = compound_gene_activity(scores, compound_targets, n_seeds=int(config.bench.compound_seeds),
-                                     potency_col="concentration")
+        act = compound_gene_activity(
+            scores, compound_targets, n_seeds=int(config.bench.compound_seeds), potency_col="concentration"
+        )
         row["compound-gene AP"] = act["ap_mean"]
         row["compound-gene AP random"] = act["rand_ap_mean"]
         row["compound-gene z"] = act["z_score"]
@@ -129,8 +148,13 @@ def benchmark_map(x, wells, *, world_pairs, compound_targets, config) -> tuple[d
 
     null = int(config.bench.map_permutations)
     rows = np.concatenate([gene_rows, ctrl_rows])
-    act = phenotypic_activity(x[rows], labels=pert[rows], is_control=np.r_[np.zeros(len(gene_rows), bool),
-                              np.ones(len(ctrl_rows), bool)], null_size=null, seed=int(config.seed))
+    act = phenotypic_activity(
+        x[rows],
+        labels=pert[rows],
+        is_control=np.r_[np.zeros(len(gene_rows), bool), np.ones(len(ctrl_rows), bool)],
+        null_size=null,
+        seed=int(config.seed),
+    )
     row["mAP activity"] = float(act["mean_average_precision"].mean())
     row["activity retrieved"] = float(act.attrs["fraction_retrieved"])
     member = {}
@@ -165,12 +189,15 @@ def stage_benchmarks(config, workdir: pathlib.Path, outputs: dict) -> dict:
     for key, path in outputs["maps"]["files"].items():
         model, alignment = key.split("__")
         t0 = time.perf_counter()
-        row, rec = benchmark_map(np.load(path).astype(np.float64), wells, world_pairs=world,
-                                 compound_targets=targets, config=config)
+        row, rec = benchmark_map(
+            np.load(path).astype(np.float64), wells, world_pairs=world, compound_targets=targets, config=config
+        )
         summary.append({"model": labels[model], "model_key": model, "alignment": alignment, **row})
         recall += [{"model": labels[model], "model_key": model, "alignment": alignment, **r} for r in rec]
-        log(f"  benchmarked {labels[model]:<28} {alignment:<16} in {time.perf_counter() - t0:5.1f} s: " +
-            " ".join(f"{r['source']}={r['recall']:.3f}" for r in rec))
+        log(
+            f"  benchmarked {labels[model]:<28} {alignment:<16} in {time.perf_counter() - t0:5.1f} s: "
+            + " ".join(f"{r['source']}={r['recall']:.3f}" for r in rec)
+        )
     out_dir = workdir / "benchmarks"
     write_parquet(out_dir / "summary.parquet", pd.DataFrame(summary))
     write_parquet(out_dir / "recall.parquet", pd.DataFrame(recall))

@@ -1,4 +1,5 @@
 """Demo stages from pixels to embeddings: screen, curate, pretrain, embed."""
+
 from __future__ import annotations
 
 import pathlib
@@ -8,6 +9,7 @@ from vitally_jax.demo.stages import _csv, fresh_dir, log
 from vitally_jax.errors import ConfigError
 from vitally_jax.fileio import folder_kind, write_marker, write_npy
 
+
 # -------------------------------------------------------------------------------------------------- stages
 def stage_screen(config, workdir: pathlib.Path) -> dict:
     """Generate the synthetic screen into WORKDIR/screen unless a store is given or already there."""
@@ -16,21 +18,30 @@ def stage_screen(config, workdir: pathlib.Path) -> dict:
     if config.screen.store:
         store = ImageStore.open(config.screen.store)
         log(f"using the existing store {store.path} ({len(store)} images)")
-        return {"store": str(pathlib.Path(config.screen.store).resolve()), "generated": False,
-                "images": len(store), "shape": list(store.shape)}
+        return {
+            "store": str(pathlib.Path(config.screen.store).resolve()),
+            "generated": False,
+            "images": len(store),
+            "shape": list(store.shape),
+        }
     from vitally_jax.data import synthetic
 
     path = workdir / "screen"
     cfg = synthetic_config(config)
-    if not ((path / "store.json").is_file() and (path / "world_pairs.parquet").is_file()
-            and ImageStore.open(path).attrs.get("config") == synthetic.config_attrs(cfg)):
+    if not (
+        (path / "store.json").is_file()
+        and (path / "world_pairs.parquet").is_file()
+        and ImageStore.open(path).attrs.get("config") == synthetic.config_attrs(cfg)
+    ):
         log(f"generating the synthetic screen (preset {config.screen.preset!r}) into {path}")
         synthetic.generate_screen(path, cfg, overwrite=True)  # replaces only a store of its own
     store = ImageStore.open(path)
     meta = store.metadata
-    log(f"screen: {len(store)} images of {store.shape[1]}x{store.shape[2]}x{store.shape[3]}, "
+    log(
+        f"screen: {len(store)} images of {store.shape[1]}x{store.shape[2]}x{store.shape[3]}, "
         f"{meta['perturbation'][~meta['is_control']].nunique()} perturbations, "
-        f"{meta['experiment'].nunique()} experiments")
+        f"{meta['experiment'].nunique()} experiments"
+    )
     return {"store": str(path.resolve()), "generated": True, "images": len(store), "shape": list(store.shape)}
 
 
@@ -60,18 +71,27 @@ def stage_curate(config, workdir: pathlib.Path, store_path: str) -> dict:
     from vitally_jax.curation.core import CurationConfig, curate_store, write_curation
 
     cc = config.curate
-    ccfg = CurationConfig(min_experiments=cc.min_experiments, min_wells=cc.min_wells,
-                          keep_positive_controls=cc.keep_positive_controls,
-                          keep_negative_controls=cc.keep_negative_controls, n_permutations=cc.n_permutations,
-                          alpha=cc.alpha, seed=config.seed)
+    ccfg = CurationConfig(
+        min_experiments=cc.min_experiments,
+        min_wells=cc.min_wells,
+        keep_positive_controls=cc.keep_positive_controls,
+        keep_negative_controls=cc.keep_negative_controls,
+        n_permutations=cc.n_permutations,
+        alpha=cc.alpha,
+        seed=config.seed,
+    )
     result = curate_store(store, {"image_stats": stats}, ccfg, quality=cc.quality)
     index = workdir / "curation" / "curated_index.parquet"
     write_curation(result, index, overwrite=True)  # its own outputs inside the demo workdir
     steps = result.report["steps"]
     for s in steps:
         log(f"  curation {s['step']:<22} images {s.get('images', ''):>6}  perturbations {s.get('perturbations', '')}")
-    out.update(index=str(index), report=str(index.with_suffix("")) + ".report.json",
-               kept_images=int(len(result.index)), input_images=len(store))
+    out.update(
+        index=str(index),
+        report=str(index.with_suffix("")) + ".report.json",
+        kept_images=int(len(result.index)),
+        input_images=len(store),
+    )
     return out
 
 
@@ -93,8 +113,10 @@ def stage_pretrain(config, workdir: pathlib.Path, store_path: str, index: str | 
         write_marker(tdir, "training workdir", created_by="vitally_jax.demo")
     summary = train_and_evaluate(tcfg, str(tdir))
     if summary.get("stopped", "done") != "done":
-        log(f"pretraining stopped at step {summary.get('step')} ({summary.get('stopped')}); rerun the same command "
-            "to resume it")
+        log(
+            f"pretraining stopped at step {summary.get('step')} ({summary.get('stopped')}); rerun the same command "
+            "to resume it"
+        )
         raise KeyboardInterrupt
     enc = tdir / "encoder"
     if not enc.exists():
@@ -110,17 +132,23 @@ def stage_embed(config, workdir: pathlib.Path, store_path: str, encoder_path: st
     from vitally_jax.embedding.screen import embed_screen
     from vitally_jax.models.vit import ViTEncoder
 
-    encoder, cfg = load_encoder(encoder_path)
+    encoder, cfg, _ = load_encoder(encoder_path)
     random_encoder = ViTEncoder(cfg, rngs=nnx.Rngs(int(config.embed.random_seed)))
     out = {}
     fresh_dir(workdir / "embeddings", fp)
     for name, enc in (("mae", encoder), ("random_init", random_encoder)):
         path = workdir / "embeddings" / name
         t0 = time.perf_counter()
-        res = embed_screen(enc, store_path, path, pooling=tuple(_csv(config.embed.poolings)),
-                           crop=int(config.embed.crop),
-                           batch_size=int(config.embed.batch_size), chunk_images=4 * int(config.embed.batch_size),
-                           progress=True)
+        res = embed_screen(
+            enc,
+            store_path,
+            path,
+            pooling=tuple(_csv(config.embed.poolings)),
+            crop=int(config.embed.crop),
+            batch_size=int(config.embed.batch_size),
+            chunk_images=4 * int(config.embed.batch_size),
+            progress=True,
+        )
         if not res["complete"]:
             raise ConfigError(f"{path}: embedding did not complete")
         log(f"embedded every block of {name} in {time.perf_counter() - t0:.1f} s")
@@ -128,5 +156,3 @@ def stage_embed(config, workdir: pathlib.Path, store_path: str, encoder_path: st
     out["depth"] = int(cfg.depth)
     out["width"] = int(cfg.width)
     return out
-
-

@@ -1,4 +1,5 @@
 """Demo stage: the linear-probe block sweep (b*) and the pooling-sensitivity table."""
+
 from __future__ import annotations
 
 import pathlib
@@ -19,9 +20,15 @@ def _probe_table(config, outputs: dict, pooling: str, *, sources=("mae", "random
     feats = {k: v for k, v in load_features(None, outputs, pooling).items() if k in sources}
     wells_f, wells = well_table(outputs["screen"]["store"], {k: v[1] for k, v in feats.items()})
     by_name = {_SOURCE_NAMES[k]: (wells_f[k], list(v[0])) for k, v in feats.items()}
-    options = {"perturbation": {"test_fraction": float(config.probe.test_fraction)},
-               "gene_groups": {"n_splits": int(config.probe.folds), "min_size": int(config.probe.group_min_size),
-                               "max_size": int(config.probe.group_max_size), "seed": int(config.seed)}}
+    options = {
+        "perturbation": {"test_fraction": float(config.probe.test_fraction)},
+        "gene_groups": {
+            "n_splits": int(config.probe.folds),
+            "min_size": int(config.probe.group_min_size),
+            "max_size": int(config.probe.group_max_size),
+            "seed": int(config.seed),
+        },
+    }
     return probe_sweep.run_sweep(by_name, wells, task_options=options, probe=make_probe(config.probe.backend))
 
 
@@ -54,9 +61,15 @@ def _pooling_sensitivity(config, outputs: dict, tables: dict, used: str):
         t = tables[pool] if pool in tables else _probe_table(config, outputs, pool, sources=("mae", "random_init"))
         for task, g in t[t["source"] != "image_stats"].groupby("task", sort=False):
             best = g.groupby("source")["score"].max()
-            rows.append({"pooling": pool, "task": task, "trained MAE (best block)": float(best.get("model")),
-                         "random-init ViT (best block)": float(best.get("random_init")),
-                         "used for the maps": pool == used})
+            rows.append(
+                {
+                    "pooling": pool,
+                    "task": task,
+                    "trained MAE (best block)": float(best.get("model")),
+                    "random-init ViT (best block)": float(best.get("random_init")),
+                    "used for the maps": pool == used,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -84,19 +97,27 @@ def stage_probe(config, workdir: pathlib.Path, outputs: dict) -> dict:
         table = _probe_table(config, outputs, pooling)
     out_dir = workdir / "probe"
     b_star = probe_sweep.write_sweep(table, out_dir, extra={"pooling": pooling, "pooling_scores": scores})
-    write_parquet(out_dir / "pooling_sensitivity.parquet",
-                  _pooling_sensitivity(config, outputs, {**tables, pooling: table}, pooling))
+    write_parquet(
+        out_dir / "pooling_sensitivity.parquet",
+        _pooling_sensitivity(config, outputs, {**tables, pooling: table}, pooling),
+    )
     for task in probe_sweep.TASKS:
         t = table[table["task"] == task]
         best = {s: float(g["score"].max()) for s, g in t.groupby("source")}
-        log(f"  probe {task:<13} b*={b_star.get(task)}  best balanced accuracy " +
-            ", ".join(f"{s} {v:.3f}" for s, v in best.items()))
+        log(
+            f"  probe {task:<13} b*={b_star.get(task)}  best balanced accuracy "
+            + ", ".join(f"{s} {v:.3f}" for s, v in best.items())
+        )
     key = config.probe.b_star_task
     key = "overall" if key == "mean" else key
     if key not in b_star:
         raise ConfigError(f"probe.b_star_task: {config.probe.b_star_task!r}; expected 'mean' or one of {list(b_star)}")
-    return {"dir": str(out_dir), "table": str(out_dir / "sweep.csv"), "b_star": b_star, "b_star_used": b_star[key],
-            "pooling": pooling, "pooling_scores": scores,
-            "pooling_sensitivity": str(out_dir / "pooling_sensitivity.parquet")}
-
-
+    return {
+        "dir": str(out_dir),
+        "table": str(out_dir / "sweep.csv"),
+        "b_star": b_star,
+        "b_star_used": b_star[key],
+        "pooling": pooling,
+        "pooling_scores": scores,
+        "pooling_sensitivity": str(out_dir / "pooling_sensitivity.parquet"),
+    }

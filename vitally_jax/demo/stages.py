@@ -3,6 +3,7 @@ logging, and loading the features the stages pass on to each other.
 
 Imports nothing from the other demo modules, so that they can all import it (no import circle).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,8 @@ import json
 import os
 import pathlib
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -23,6 +25,7 @@ STAGES = ("screen", "curate", "pretrain", "embed", "probe", "maps", "benchmarks"
 
 
 def log(msg: str) -> None:
+    """One timestamped progress line of the demo."""
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
@@ -82,8 +85,11 @@ class StageRunner:
         t0 = time.perf_counter()
         outputs = fn() or {}
         dt = time.perf_counter() - t0
-        write_text(marker, json.dumps({"name": name, "fingerprint": fp, "seconds": dt, "outputs": outputs},
-                                      indent=2, default=str) + "\n")
+        write_text(
+            marker,
+            json.dumps({"name": name, "fingerprint": fp, "seconds": dt, "outputs": outputs}, indent=2, default=str)
+            + "\n",
+        )
         self.records[name] = StageRecord(name, fp, dt, outputs)
         log(f"stage {n} {name}: done in {dt:.1f} s")
         return outputs
@@ -92,8 +98,9 @@ class StageRunner:
         """DataFrame stage, seconds, reused (seconds are those of the run that produced the outputs)."""
         import pandas as pd
 
-        return pd.DataFrame([{"stage": r.name, "seconds": r.seconds, "reused": r.reused}
-                             for r in self.records.values()])
+        return pd.DataFrame(
+            [{"stage": r.name, "seconds": r.seconds, "reused": r.reused} for r in self.records.values()]
+        )
 
 
 def fresh_dir(path: pathlib.Path, fp: str) -> pathlib.Path:
@@ -104,8 +111,10 @@ def fresh_dir(path: pathlib.Path, fp: str) -> pathlib.Path:
     tag = path / ".demo_fingerprint"
     if path.exists() and not (tag.is_file() and tag.read_text().strip() == fp):
         if not tag.is_file() and any(path.iterdir()):  # not a stage folder of the demo: not ours to empty
-            raise OutputError(f"{path}: exists and is not a demo stage folder (no .demo_fingerprint); "
-                              "refusing to touch it (move it away or choose another workdir)")
+            raise OutputError(
+                f"{path}: exists and is not a demo stage folder (no .demo_fingerprint); "
+                "refusing to touch it (move it away or choose another workdir)"
+            )
         log(f"  {path} holds outputs of another configuration; starting it afresh")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -124,9 +133,8 @@ def _section(config, name: str) -> dict:
     return sec.to_dict() if hasattr(sec, "to_dict") else dict(sec)
 
 
-
 # ------------------------------------------------------------------------------------------ shared features
-def well_table(store_path: str, features_by_model: dict) -> tuple[dict, "pd.DataFrame"]:
+def well_table(store_path: str, features_by_model: dict) -> tuple[dict, pd.DataFrame]:
     """Per-image features {name: (nb, images, D)} -> per-well features {name: (nb, wells, D)} and well metadata."""
     from vitally_jax.data.store import ImageStore
     from vitally_jax.embedding.screen import well_features
@@ -151,5 +159,3 @@ def load_features(workdir: pathlib.Path, outputs: dict, pooling: str) -> dict:
     stats = np.load(outputs["curate"]["image_stats"]).astype(np.float32)
     feats["image_stats"] = ([0], stats[None])
     return feats
-
-

@@ -12,11 +12,12 @@ subset (the pass runs up to the deepest requested block only).
 Blocks are numbered from 1: block b is the output after b transformer blocks, the same as the encoder truncated to
 b blocks (`num_blocks=b`), and b = depth is the final block.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,33 +25,35 @@ import numpy as np
 from flax import nnx
 
 from vitally_jax.errors import ConfigError, DataError
+from vitally_jax.models import POOLINGS
+from vitally_jax.models.readout import (
+    DEFAULT_POOLING,
+    DEFAULT_PROBE_POOLING,
+    Readout,
+    make_readout,
+    select_blocks,
+    select_poolings,
+)
 
-POOLINGS = ("cls", "cls_norm", "mean", "mean_norm")
-DEFAULT_POOLING = ("cls_norm", "mean")
+__all__ = [  # the readout names are defined with the models and re-exported here, where users embed
+    "DEFAULT_POOLING",
+    "DEFAULT_PROBE_POOLING",
+    "POOLINGS",
+    "BlockExtractor",
+    "Readout",
+    "embed",
+    "encoder_depth",
+    "make_extractor",
+    "make_readout",
+    "select_blocks",
+    "select_poolings",
+    "trim_encoder",
+]
 
 
 def encoder_depth(encoder) -> int:
     """Number of transformer blocks of an encoder."""
     return int(encoder.cfg.depth)
-
-
-def select_blocks(blocks: Iterable[int] | None, depth: int) -> tuple[int, ...]:
-    """Validated, sorted, unique 1-based block numbers; None means every block 1..depth."""
-    if blocks is None:
-        return tuple(range(1, depth + 1))
-    out = sorted({int(b) for b in blocks})
-    if not out or out[0] < 1 or out[-1] > depth:
-        raise ConfigError(f"blocks: expected block numbers in 1..{depth}, got {list(blocks)}")
-    return tuple(out)
-
-
-def select_poolings(pooling: str | Sequence[str]) -> tuple[str, ...]:
-    """Validated pooling names (a single name or a sequence)."""
-    names = (pooling,) if isinstance(pooling, str) else tuple(pooling)
-    bad = [p for p in names if p not in POOLINGS]
-    if bad or not names:
-        raise ConfigError(f"pooling: expected names from {POOLINGS}, got {list(names)}")
-    return tuple(dict.fromkeys(names))
 
 
 def _forward(graphdef, state, images, *, blocks: tuple[int, ...], poolings: tuple[str, ...]):
@@ -84,10 +87,9 @@ class BlockExtractor:
 
     @property
     def batch_multiple(self) -> int:
-        if self.mesh is None:
-            return 1
-        shape = dict(self.mesh.shape)
-        return int(shape.get("data", 1) * shape.get("fsdp", 1))
+        from vitally_jax.sharding import data_parallel_size
+
+        return 1 if self.mesh is None else data_parallel_size(self.mesh)
 
     def __call__(self, images) -> dict[str, jax.Array]:
         if self.mesh is None:
@@ -99,8 +101,13 @@ class BlockExtractor:
             return _forward_jit(self.graphdef, self.state, images, blocks=self.blocks, poolings=self.poolings)
 
 
-def make_extractor(encoder, *, blocks: Iterable[int] | None = None, pooling: str | Sequence[str] = DEFAULT_POOLING,
-                   mesh: jax.sharding.Mesh | None = None) -> BlockExtractor:
+def make_extractor(
+    encoder,
+    *,
+    blocks: Iterable[int] | None = None,
+    pooling: str | Sequence[str] = DEFAULT_POOLING,
+    mesh: jax.sharding.Mesh | None = None,
+) -> BlockExtractor:
     """Split `encoder` and bind the jitted per-block function.
 
     With a mesh, parameters not yet placed on it are sharded by `vitally_jax.sharding.param_shardings`.
@@ -154,30 +161,43 @@ def embed_batches(extractor: BlockExtractor, images: np.ndarray, batch_size: int
     step = padded_step(extractor, batch_size)
     parts: dict[str, list[np.ndarray]] = {p: [] for p in extractor.poolings}
     for start in range(0, images.shape[0], step):
-        out = run_padded(extractor, np.asarray(images[start:start + step]), step)
+        out = run_padded(extractor, np.asarray(images[start : start + step]), step)
         for p in extractor.poolings:
             parts[p].append(out[p])
     return {p: np.concatenate(v, axis=0) for p, v in parts.items()}
 
 
-def embed(encoder, images, *, blocks: Iterable[int] | None = None, pooling: str | Sequence[str] = DEFAULT_POOLING,
-          batch_size: int = 64, mesh: jax.sharding.Mesh | None = None) -> dict[str, np.ndarray]:
+def embed(
+    encoder,
+    images,
+    *,
+    blocks: Iterable[int] | None = None,
+    pooling: str | Sequence[str] | None = None,
+    batch_size: int = 64,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, np.ndarray]:
     """Pooled embeddings of every requested block for a stack of crops, in one forward pass per batch.
 
     Args:
       encoder: a `ViTEncoder` (NNX module).
       images: (N, H, W, C) uint8 crops at the encoder's input size.
-      blocks: 1-based block numbers (default: all blocks 1..depth).
-      pooling: names from `POOLINGS`: 'cls', 'cls_norm', 'mean', 'mean_norm'.
+      blocks: 1-based block numbers (default: the encoder's readout blocks when it carries a `readout`, as
+        one from `vitally_jax.load_encoder` does; else all blocks 1..depth).
+      pooling: names from `POOLINGS`: 'cls', 'cls_norm', 'mean', 'mean_norm' (default: the encoder's readout
+        pooling when it carries one; else `DEFAULT_POOLING`).
       batch_size: crops per forward pass (rounded up to a multiple of the mesh's data x fsdp size).
       mesh: optional mesh; the batch is sharded over ('data', 'fsdp').
 
     Returns:
       {pooling: (N, len(blocks), D) float32 numpy array}; entry [:, i] is block `sorted(blocks)[i]`.
     """
+    readout = getattr(encoder, "readout", None)
+    if readout is not None:
+        blocks = readout.blocks if blocks is None else blocks
+        pooling = readout.pooling if pooling is None else pooling
+    pooling = DEFAULT_POOLING if pooling is None else pooling
     extractor = make_extractor(encoder, blocks=blocks, pooling=pooling, mesh=mesh)
     return embed_batches(extractor, np.asarray(images), batch_size)
-
 
 
 def trim_encoder(encoder, num_blocks: int):

@@ -1,19 +1,31 @@
 """Simple per-channel image statistics: the "image-statistics baseline" representation of a well image.
 
 For every channel (in store order) the features are, on the 0..255 scale:
-mean, std, the 10/50/90/99% quantiles (exact, from 256-bin histograms), foreground fraction and foreground mean (foreground = pixels above
-q10 + 0.25 (q99 - q10)), gradient energy (mean |dy| + |dx|), Laplacian energy (mean |4x - 4-neighbours|, fine
-texture) and coarse texture (std of 4x4 block means). F = 11 * C features, feature-major within a channel:
-column c * 11 + k is feature k of channel c (`feature_names` gives the names).
+mean, std, the 10/50/90/99% quantiles (exact, from 256-bin histograms), foreground fraction and foreground mean
+(foreground = pixels above q10 + 0.25 (q99 - q10)), gradient energy (mean |dy| + |dx|), Laplacian energy
+(mean |4x - 4-neighbours|, fine texture) and coarse texture (std of 4x4 block means). F = 11 * C features,
+feature-major within a channel: column c * 11 + k is feature k of channel c (`feature_names` gives the names).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from vitally_jax.errors import DataError
 
-FEATURES = ("mean", "std", "q10", "q50", "q90", "q99", "fg_fraction", "fg_mean", "gradient", "laplacian",
-            "coarse_texture")
+FEATURES = (
+    "mean",
+    "std",
+    "q10",
+    "q50",
+    "q90",
+    "q99",
+    "fg_fraction",
+    "fg_mean",
+    "gradient",
+    "laplacian",
+    "coarse_texture",
+)
 _CHUNK_PIXELS = 1 << 22  # values per internal chunk
 
 
@@ -58,9 +70,12 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     if h < 4 or w < 4:
         raise DataError(f"image_statistics: images of {h}x{w} are too small (need at least 4x4)")
     step = max(1, _CHUNK_PIXELS // (h * w * c))
-    out = [_stats(images[i:i + step]) for i in range(0, b, step)]
-    return np.concatenate(out).reshape(b, c * len(FEATURES)).astype(np.float32) if out else \
-        np.zeros((0, c * len(FEATURES)), np.float32)
+    out = [_stats(images[i : i + step]) for i in range(0, b, step)]
+    return (
+        np.concatenate(out).reshape(b, c * len(FEATURES)).astype(np.float32)
+        if out
+        else np.zeros((0, c * len(FEATURES)), np.float32)
+    )
 
 
 def store_image_statistics(store, batch_size: int = 256) -> np.ndarray:
@@ -70,5 +85,6 @@ def store_image_statistics(store, batch_size: int = 256) -> np.ndarray:
     if not isinstance(store, ImageStore):
         store = ImageStore.open(store)
     n = len(store)
-    return np.concatenate([image_statistics(store.read_many(i, min(i + batch_size, n)))
-                           for i in range(0, n, batch_size)])
+    return np.concatenate(
+        [image_statistics(store.read_many(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    )

@@ -1,8 +1,9 @@
 """Whole-screen embedding: every image tiled into crops, every block embedded, one resumable store on disk.
 
 Each image is cut into non-overlapping `crop` x `crop` tiles (row-major; a remainder narrower than a crop at the
-right/bottom edge is not used), every tile is embedded by the jitted every-block pass (`vitally_jax.embedding.blocks`), and the
-tile embeddings are averaged per image. Sites of one well are averaged later (`well_features`).
+right/bottom edge is not used), every tile is embedded by the jitted every-block pass
+(`vitally_jax.embedding.blocks`), and the tile embeddings are averaged per image. Sites of one well are averaged
+later (`well_features`).
 
 Embedding store layout (a folder):
 
@@ -17,6 +18,7 @@ are identical to an uninterrupted run because each chunk is always embedded in t
 can share one run: process `pid` of `nproc` takes chunks k with k % nproc == pid. These are independent workers
 (each with its own devices, e.g. one per host or per GPU); a mesh passed in is used by that worker alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,14 +27,14 @@ import os
 import pathlib
 import shutil
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from vitally_jax.embedding.blocks import DEFAULT_POOLING
 from vitally_jax.errors import ConfigError, DataError, OutputError
-from vitally_jax.fileio import (ARTEFACT_KEY, atomic_path, check_output, folder_kind, swap_in, write_parquet,
-                                write_text)
+from vitally_jax.fileio import ARTEFACT_KEY, atomic_path, check_output, folder_kind, swap_in, write_parquet, write_text
 
 FORMAT_VERSION = 1
 KIND = "embedding store"  # the artefact kind named in embedding.json (see vitally_jax.fileio)
@@ -53,8 +55,10 @@ def _zarr_spec(path: pathlib.Path, shape: Sequence[int], chunk_images: int, dtyp
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [nb, chunk_images, d]}},
             "chunk_key_encoding": {"name": "default"},
             "dimension_names": ["block", "image", "feature"],
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                       {"name": "zstd", "configuration": {"level": 3}}],
+            "codecs": [
+                {"name": "bytes", "configuration": {"endian": "little"}},
+                {"name": "zstd", "configuration": {"level": 3}},
+            ],
             "fill_value": 0,
         },
     }
@@ -81,7 +85,7 @@ class EmbeddingStore:
     metadata: pd.DataFrame
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "EmbeddingStore":
+    def open(cls, path: str | os.PathLike) -> EmbeddingStore:
         path = pathlib.Path(path)
         if not (path / MANIFEST).is_file():
             raise DataError(f"{path}: not an embedding store ({MANIFEST} is missing)")
@@ -119,8 +123,10 @@ class EmbeddingStore:
             raise ConfigError(f"pooling: {pooling!r} is not in the embedding store {self.path} ({self.poolings})")
         missing = self.missing_chunks()
         if missing:
-            raise DataError(f"{self.path}: embedding run incomplete, {len(missing)} of {self.num_chunks} chunks missing "
-                            "(rerun the embedding to finish it)")
+            raise DataError(
+                f"{self.path}: embedding run incomplete, {len(missing)} of {self.num_chunks} chunks missing "
+                "(rerun the embedding to finish it)"
+            )
 
     def features(self, pooling: str, blocks: Iterable[int] | None = None) -> np.ndarray:
         """Per-image embeddings (len(blocks), images, width) float32; default all stored blocks."""
@@ -159,18 +165,29 @@ def _manifest(encoder, image_store, *, blocks, poolings, crop, chunk_images, dty
     from vitally_jax.embedding.blocks import encoder_depth
 
     if tiles_per_image(image_store.shape[1], image_store.shape[2], crop) == 0:
-        raise ConfigError(f"crop: {crop} px does not fit the {image_store.shape[1]}x{image_store.shape[2]} px images "
-                          f"of {image_store.path}")
+        raise ConfigError(
+            f"crop: {crop} px does not fit the {image_store.shape[1]}x{image_store.shape[2]} px images "
+            f"of {image_store.path}"
+        )
 
     cfg = getattr(encoder, "cfg", None)
     cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
     width = int(cfg_dict.get("width", 0)) or None
-    return {ARTEFACT_KEY: KIND, "format_version": FORMAT_VERSION, "blocks": list(blocks), "poolings": list(poolings),
-            "depth": encoder_depth(encoder), "width": width, "num_images": len(image_store),
-            "chunk_images": int(chunk_images), "crop": int(crop), "dtype": dtype,
-            "tiles_per_image": tiles_per_image(image_store.shape[1], image_store.shape[2], crop),
-            "image_store": str(pathlib.Path(image_store.path).resolve()),
-            "encoder_config": json.loads(json.dumps(cfg_dict, default=str))}
+    return {
+        ARTEFACT_KEY: KIND,
+        "format_version": FORMAT_VERSION,
+        "blocks": list(blocks),
+        "poolings": list(poolings),
+        "depth": encoder_depth(encoder),
+        "width": width,
+        "num_images": len(image_store),
+        "chunk_images": int(chunk_images),
+        "crop": int(crop),
+        "dtype": dtype,
+        "tiles_per_image": tiles_per_image(image_store.shape[1], image_store.shape[2], crop),
+        "image_store": str(pathlib.Path(image_store.path).resolve()),
+        "encoder_config": json.loads(json.dumps(cfg_dict, default=str)),
+    }
 
 
 def _same_settings(path: pathlib.Path, manifest: dict) -> bool:
@@ -179,20 +196,34 @@ def _same_settings(path: pathlib.Path, manifest: dict) -> bool:
         old = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    strip = (lambda d: {k: v for k, v in d.items() if k != ARTEFACT_KEY})
+    strip = lambda d: {k: v for k, v in d.items() if k != ARTEFACT_KEY}
     return isinstance(old, dict) and strip(old) == strip(manifest)
 
 
-def embed_screen(encoder, image_store, out: str | os.PathLike, *, blocks: Iterable[int] | None = None,
-                 pooling: str | Sequence[str] = ("cls_norm", "mean"), crop: int = 256, batch_size: int = 64,
-                 chunk_images: int = 64, dtype: str = "float32", mesh=None, process_index: int = 0,
-                 process_count: int = 1, stop_after: int | None = None, progress: bool = True,
-                 overwrite: bool = False) -> dict:
+def embed_screen(
+    encoder,
+    image_store,
+    out: str | os.PathLike,
+    *,
+    blocks: Iterable[int] | None = None,
+    pooling: str | Sequence[str] = DEFAULT_POOLING,
+    crop: int = 256,
+    batch_size: int = 64,
+    chunk_images: int = 64,
+    dtype: str = "float32",
+    mesh=None,
+    process_index: int = 0,
+    process_count: int = 1,
+    stop_after: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Embed every image of a screen into a resumable per-block store at `out`.
 
     Args:
       encoder: a `ViTEncoder`. image_store: an `ImageStore` or the path of one.
-      blocks, pooling: as in `vitally_jax.embedding.blocks.embed` (default: all blocks; 'cls_norm' and 'mean').
+      blocks, pooling: as in `vitally_jax.embedding.blocks.embed` (default: all blocks; `DEFAULT_POOLING`,
+        'cls_norm' and 'mean').
       crop: tile side in pixels; batch_size: crops per forward pass; chunk_images: images per resumable chunk.
       dtype: 'float32' or 'float16' on disk. mesh: optional mesh (batch sharded over data/fsdp).
       process_index, process_count: this process takes chunks k with k % process_count == process_index.
@@ -212,12 +243,21 @@ def embed_screen(encoder, image_store, out: str | os.PathLike, *, blocks: Iterab
     if dtype not in ("float32", "float16"):
         raise ConfigError(f"dtype: expected 'float32' or 'float16', got {dtype!r}")
     if chunk_images < 1 or not 0 <= process_index < process_count:
-        raise ConfigError(f"chunk_images must be >= 1 and 0 <= process_index < process_count, got "
-                          f"{chunk_images}, {process_index}, {process_count}")
+        raise ConfigError(
+            f"chunk_images must be >= 1 and 0 <= process_index < process_count, got "
+            f"{chunk_images}, {process_index}, {process_count}"
+        )
     extractor = make_extractor(encoder, blocks=blocks, pooling=pooling, mesh=mesh)
     final = pathlib.Path(out)
-    manifest = _manifest(encoder, image_store, blocks=extractor.blocks, poolings=extractor.poolings, crop=crop,
-                         chunk_images=chunk_images, dtype=dtype)
+    manifest = _manifest(
+        encoder,
+        image_store,
+        blocks=extractor.blocks,
+        poolings=extractor.poolings,
+        crop=crop,
+        chunk_images=chunk_images,
+        dtype=dtype,
+    )
     inputs = [image_store.path]
     existed = check_output(final, KIND, overwrite=overwrite, resume=not overwrite, inputs=inputs)
     out = final
@@ -230,8 +270,10 @@ def embed_screen(encoder, image_store, out: str | os.PathLike, *, blocks: Iterab
         old = json.loads((out / MANIFEST).read_text())
         if not _same_settings(out, manifest):
             diff = sorted(k for k in set(old) | set(manifest) if k != ARTEFACT_KEY and old.get(k) != manifest.get(k))
-            raise OutputError(f"{out}: an embedding store with different settings is here (differs in {diff}); "
-                              "use another output folder, or --overwrite to replace it")
+            raise OutputError(
+                f"{out}: an embedding store with different settings is here (differs in {diff}); "
+                "use another output folder, or --overwrite to replace it"
+            )
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_parquet(out / METADATA, image_store.metadata)
@@ -257,8 +299,13 @@ def embed_screen(encoder, image_store, out: str | os.PathLike, *, blocks: Iterab
             per_image = _embed_chunk(extractor, image_store, start, stop, crop=crop, step=step)
             for p, e in per_image.items():  # e: (nb, images, D)
                 if p not in arrays:
-                    arrays[p] = _open_array(out / f"{p}.zarr", create=True, shape=(e.shape[0], n, e.shape[2]),
-                                            chunk_images=chunk_images, dtype=dtype)
+                    arrays[p] = _open_array(
+                        out / f"{p}.zarr",
+                        create=True,
+                        shape=(e.shape[0], n, e.shape[2]),
+                        chunk_images=chunk_images,
+                        dtype=dtype,
+                    )
                 arrays[p][:, start:stop, :].write(e.astype(dtype)).result()
             write_text(out / DONE / f"chunk_{k:06d}", f"{stop - start}\n")
             computed.append(k)
@@ -268,8 +315,12 @@ def embed_screen(encoder, image_store, out: str | os.PathLike, *, blocks: Iterab
     complete = not EmbeddingStore(out, manifest, image_store.metadata).missing_chunks()
     if complete and out != final:
         swap_in(out, final)  # the previous store stays readable until this atomic exchange
-    return {"computed": computed, "skipped": sorted(set(mine) - set(todo)), "complete": complete,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "computed": computed,
+        "skipped": sorted(set(mine) - set(todo)),
+        "complete": complete,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _embed_chunk(extractor, image_store, start: int, stop: int, *, crop: int, step: int) -> dict[str, np.ndarray]:
@@ -310,8 +361,15 @@ TABLE_KIND = "embedding table"
 ANNDATA_KIND = "embedding AnnData"
 
 
-def export_parquet(store: EmbeddingStore | str | os.PathLike, path: str | os.PathLike, *, block: int,
-                   pooling: str = "mean", level: str = "well", overwrite: bool = False) -> pathlib.Path:
+def export_parquet(
+    store: EmbeddingStore | str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    block: int,
+    pooling: str = "mean",
+    level: str = "well",
+    overwrite: bool = False,
+) -> pathlib.Path:
     """One block as a Parquet table: metadata columns then feature columns `feature_0000`.. (float32).
 
     An existing file is replaced only with `overwrite=True`, and only if it is such a table written here."""
@@ -322,8 +380,15 @@ def export_parquet(store: EmbeddingStore | str | os.PathLike, path: str | os.Pat
     return write_parquet(path, pd.concat([meta, feats], axis=1), TABLE_KIND)
 
 
-def export_anndata(store: EmbeddingStore | str | os.PathLike, path: str | os.PathLike, *, block: int,
-                   pooling: str = "mean", level: str = "well", overwrite: bool = False) -> pathlib.Path:
+def export_anndata(
+    store: EmbeddingStore | str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    block: int,
+    pooling: str = "mean",
+    level: str = "well",
+    overwrite: bool = False,
+) -> pathlib.Path:
     """One block as AnnData .h5ad: X (observations, width) float32, obs = metadata, uns = block/pooling/level.
 
     An existing file is replaced only with `overwrite=True`, and only if it is such an export written here."""
@@ -335,7 +400,9 @@ def export_anndata(store: EmbeddingStore | str | os.PathLike, path: str | os.Pat
     check_output(path, ANNDATA_KIND, overwrite=overwrite, inputs=[store.path])
     x, meta = _feature_table(store, block, pooling, level)
     obs = meta.copy()
-    obs.index = (obs["image_id"] if level == "image" else obs["plate"].astype(str) + "/" + obs["well_id"].astype(str)).astype(str)
+    obs.index = (
+        obs["image_id"] if level == "image" else obs["plate"].astype(str) + "/" + obs["well_id"].astype(str)
+    ).astype(str)
     obs.index.name = None
     adata = anndata.AnnData(X=x.astype(np.float32), obs=obs)
     adata.uns["vitally_jax"] = {"block": int(block), "pooling": pooling, "level": level, ARTEFACT_KEY: ANNDATA_KIND}

@@ -12,17 +12,27 @@ Layouts (keys without prefix):
 The geometry (width, depth, MLP kind, patch, training grid, registers) is read from the shapes; the head count is
 width // 64 (every DINOv2 model) unless given.
 """
+
 from __future__ import annotations
 
+import os
+import pathlib
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from flax import nnx
 
 from vitally_jax.errors import WeightsError
 from vitally_jax.interop.params import flat_params, model_from_params
-from vitally_jax.interop.readers import StateDict, check_state_dict, read_state_dict, select_prefix
+from vitally_jax.interop.readers import (
+    StateDict,
+    check_state_dict,
+    export_metadata,
+    read_state_dict,
+    select_prefix,
+    write_safetensors,
+)
 from vitally_jax.models.dinov2 import Dinov2, Dinov2Config
 
 LAYOUTS = ("timm", "meta")
@@ -47,8 +57,9 @@ def _to_timm_names(state: Mapping[str, np.ndarray]) -> StateDict:
     return out
 
 
-def config_from_state(state: Mapping[str, np.ndarray], *, layout: str = "timm", source: str = "state dict",
-                      **overrides) -> Dinov2Config:
+def config_from_state(
+    state: Mapping[str, np.ndarray], *, layout: str = "timm", source: str = "state dict", **overrides
+) -> Dinov2Config:
     """Infer a `Dinov2Config` from a (timm-named) state dict's shapes; `overrides` win (e.g. num_heads)."""
     try:
         d = state["cls_token"].shape[-1]
@@ -62,13 +73,23 @@ def config_from_state(state: Mapping[str, np.ndarray], *, layout: str = "timm", 
     regs = state["reg_token"].shape[1] if "reg_token" in state else 0
     no_embed_class = layout == "timm" and regs > 0
     grid2 = pos_len - (0 if no_embed_class else 1)
-    grid = int(round(grid2 ** 0.5))
+    grid = int(round(grid2**0.5))
     if grid * grid != grid2:
         raise WeightsError(f"{source}: pos_embed has {pos_len} rows; expected a square grid (+1 CLS row)")
-    cfg = dict(width=d, depth=depth, num_heads=max(d // 64, 1), mlp_dim=fc2_in,
-               mlp="swiglu" if fc1 == 2 * fc2_in else "mlp", patch_size=pw[-1], img_size=grid * pw[-1],
-               in_chans=pw[1], reg_tokens=regs, no_embed_class=no_embed_class,
-               init_values=1.0 if "blocks.0.ls1.gamma" in state else None, mask_token="mask_token" in state)
+    cfg = dict(
+        width=d,
+        depth=depth,
+        num_heads=max(d // 64, 1),
+        mlp_dim=fc2_in,
+        mlp="swiglu" if fc1 == 2 * fc2_in else "mlp",
+        patch_size=pw[-1],
+        img_size=grid * pw[-1],
+        in_chans=pw[1],
+        reg_tokens=regs,
+        no_embed_class=no_embed_class,
+        init_values=1.0 if "blocks.0.ls1.gamma" in state else None,
+        mask_token="mask_token" in state,
+    )
     cfg.update(overrides)
     return Dinov2Config(**cfg)
 
@@ -77,9 +98,14 @@ def expected_state(cfg: Dinov2Config) -> dict[str, tuple[int, ...]]:
     """timm key -> shape for a DINOv2 of this config (plus `mask_token` when the config keeps one)."""
     d, p, h = cfg.width, cfg.patch_size, cfg.mlp_dim
     fc1 = 2 * h if cfg.mlp == "swiglu" else h
-    out = {"cls_token": (1, 1, d), "pos_embed": (1, cfg.pos_len, d),
-           "patch_embed.proj.weight": (d, cfg.in_chans, p, p), "patch_embed.proj.bias": (d,),
-           "norm.weight": (d,), "norm.bias": (d,)}
+    out = {
+        "cls_token": (1, 1, d),
+        "pos_embed": (1, cfg.pos_len, d),
+        "patch_embed.proj.weight": (d, cfg.in_chans, p, p),
+        "patch_embed.proj.bias": (d,),
+        "norm.weight": (d,),
+        "norm.bias": (d,),
+    }
     if cfg.reg_tokens:
         out["reg_token"] = (1, cfg.reg_tokens, d)
     if cfg.mask_token:
@@ -103,10 +129,14 @@ def params_from_timm(state: Mapping[str, np.ndarray], cfg: Dinov2Config) -> dict
     """timm-named state dict -> our flat params (Linear weights transposed, conv to (p, p, C, D), blocks stacked)."""
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     w = state["patch_embed.proj.weight"]
-    out = {"patch_embed.kernel": f32(np.transpose(w, (2, 3, 1, 0))),
-           "patch_embed.bias": f32(state["patch_embed.proj.bias"]),
-           "cls_token": f32(state["cls_token"]), "pos_embed": f32(state["pos_embed"]),
-           "norm.scale": f32(state["norm.weight"]), "norm.bias": f32(state["norm.bias"])}
+    out = {
+        "patch_embed.kernel": f32(np.transpose(w, (2, 3, 1, 0))),
+        "patch_embed.bias": f32(state["patch_embed.proj.bias"]),
+        "cls_token": f32(state["cls_token"]),
+        "pos_embed": f32(state["pos_embed"]),
+        "norm.scale": f32(state["norm.weight"]),
+        "norm.bias": f32(state["norm.bias"]),
+    }
     if cfg.reg_tokens:
         out["reg_token"] = f32(state["reg_token"])
     if cfg.mask_token:
@@ -130,9 +160,14 @@ def params_from_timm(state: Mapping[str, np.ndarray], cfg: Dinov2Config) -> dict
 def timm_from_params(params: Mapping[str, np.ndarray], cfg: Dinov2Config) -> StateDict:
     """Inverse of `params_from_timm`: our flat params -> timm-named state dict (float32 numpy)."""
     p = {k: np.asarray(v, np.float32) for k, v in params.items()}
-    out = {"cls_token": p["cls_token"], "pos_embed": p["pos_embed"],
-           "patch_embed.proj.weight": np.ascontiguousarray(np.transpose(p["patch_embed.kernel"], (3, 2, 0, 1))),
-           "patch_embed.proj.bias": p["patch_embed.bias"], "norm.weight": p["norm.scale"], "norm.bias": p["norm.bias"]}
+    out = {
+        "cls_token": p["cls_token"],
+        "pos_embed": p["pos_embed"],
+        "patch_embed.proj.weight": np.ascontiguousarray(np.transpose(p["patch_embed.kernel"], (3, 2, 0, 1))),
+        "patch_embed.proj.bias": p["patch_embed.bias"],
+        "norm.weight": p["norm.scale"],
+        "norm.bias": p["norm.bias"],
+    }
     if cfg.reg_tokens:
         out["reg_token"] = p["reg_token"]
     if cfg.mask_token:
@@ -162,8 +197,9 @@ def _to_meta_names(state: Mapping[str, np.ndarray], cfg: Dinov2Config) -> StateD
     return out
 
 
-def load_dinov2(source, *, layout: str | None = None, prefix: str = "", variant: str | None = None,
-                **overrides) -> Dinov2:
+def load_dinov2(
+    source, *, layout: str | None = None, prefix: str = "", variant: str | None = None, **overrides
+) -> Dinov2:
     """Load a DINOv2 checkpoint (path or state dict) into a `Dinov2` module.
 
     layout: 'timm' | 'meta' | None (detected). prefix: removed from every key (e.g. 'backbone.').
@@ -187,8 +223,10 @@ def load_dinov2(source, *, layout: str | None = None, prefix: str = "", variant:
         want = dinov2_config(variant)
         got = (cfg.width, cfg.depth, cfg.mlp)
         if (want.width, want.depth, want.mlp) != got:
-            raise WeightsError(f"{name}: holds a DINOv2 of width {got[0]}, depth {got[1]}, {got[2]} MLP; "
-                               f"expected {variant} (width {want.width}, depth {want.depth}, {want.mlp} MLP)")
+            raise WeightsError(
+                f"{name}: holds a DINOv2 of width {got[0]}, depth {got[1]}, {got[2]} MLP; "
+                f"expected {variant} (width {want.width}, depth {want.depth}, {want.mlp} MLP)"
+            )
     check_state_dict(timm_state, expected_state(cfg), source=f"{name} (DINOv2, {layout} layout)")
     return model_from_params(lambda: Dinov2(cfg, rngs=nnx.Rngs(0)), params_from_timm(timm_state, cfg), source=name)
 
@@ -205,9 +243,31 @@ def dinov2_state_dict(model: Dinov2, *, layout: str = "timm") -> StateDict:
     state = timm_from_params(flat_params(model), cfg)
     if layout == "meta":
         if cfg.no_embed_class:
-            raise WeightsError("DINOv2 export: this register model has no CLS position slot (timm layout); "
-                               "export it with layout='timm'")
+            raise WeightsError(
+                "DINOv2 export: this register model has no CLS position slot (timm layout); "
+                "export it with layout='timm'"
+            )
         state = _to_meta_names(state, cfg)
     else:
         state.pop("mask_token", None)  # timm's VisionTransformer has none
     return state
+
+
+def export_dinov2(
+    path: str | os.PathLike, model: Dinov2, *, layout: str = "timm", overwrite: bool = False
+) -> pathlib.Path:
+    """Write a `Dinov2` in timm's ('timm') or Meta's ('meta') layout (safetensors)."""
+    cfg = model.cfg
+    state = dinov2_state_dict(model, layout=layout)
+    meta = export_metadata(
+        "dinov2",
+        layout=layout,
+        width=cfg.width,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp=cfg.mlp,
+        patch_size=cfg.patch_size,
+        img_size=cfg.img_size,
+        reg_tokens=cfg.reg_tokens,
+    )
+    return write_safetensors(path, state, meta, overwrite=overwrite)

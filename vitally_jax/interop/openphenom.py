@@ -13,43 +13,128 @@ Key layout of Recursion's checkpoint (channel-agnostic CA-MAE-S/16):
 - `decoder_pred.{weight,bias}`: decoder width -> p*p pixels of one channel.
 
 A standard (non channel-agnostic) MAE in the same code base has `decoder.blocks.{i}.*` and `decoder.norm`.
-The mapping into our parameters is `vitally_jax.models.convert`; this module adds reading files, inferring the
-geometry from the shapes, building the model without random init, and the export back to this layout.
+This module holds both directions: the key mapping into our parameters (`mae_params_from_openphenom`,
+`load_mae_weights`; the encoder part is `timm_vit`'s), reading files, inferring the geometry from the shapes,
+building the model without random init, and the export back to this layout (`openphenom_state_dict`,
+`export_openphenom`: safetensors with the encoder's `timm_kwargs` and the decoder settings in the metadata).
+
+    mae = MAE(mae_config("CA-S/16"), rngs=nnx.Rngs(0))
+    load_mae_weights(mae, openphenom_state_dict)          # encoder.vit_backbone., decoder., ...
 """
+
 from __future__ import annotations
 
+import os
+import pathlib
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from flax import nnx
 
 from vitally_jax.errors import ConfigError, WeightsError
-from vitally_jax.interop.params import _flatten, flat_params, model_from_params
-from vitally_jax.interop.readers import StateDict
-from vitally_jax.interop.timm_vit import _source_state, config_from_timm_state, load_timm_vit, timm_vit_state_dict
-from vitally_jax.models import convert
+from vitally_jax.interop.params import _flatten, apply_params, flat_params, model_from_params
+from vitally_jax.interop.readers import StateDict, export_metadata, write_safetensors
+from vitally_jax.interop.timm_vit import (
+    _linear,
+    _norm,
+    _prenorm_block,
+    _read_encoder,
+    _Reader,
+    _source_state,
+    _stack,
+    config_from_timm_state,
+    load_timm_vit,
+    timm_kwargs,
+    timm_vit_state_dict,
+)
 from vitally_jax.models.layers import sincos_2d
 from vitally_jax.models.mae import MAE, MAEConfig
 from vitally_jax.models.vit import ViTConfig, ViTEncoder
 
-ENC = convert.OPENPHENOM_ENCODER
-DEC = convert.OPENPHENOM_DECODER
-PROJ = convert.OPENPHENOM_PROJ
-PRED = convert.OPENPHENOM_PRED
+OPENPHENOM_ENCODER = "encoder.vit_backbone."
+OPENPHENOM_DECODER = "decoder."
+OPENPHENOM_PROJ = "encoder_decoder_proj."
+OPENPHENOM_PRED = "decoder_pred."
+ENC = OPENPHENOM_ENCODER
+DEC = OPENPHENOM_DECODER
+PROJ = OPENPHENOM_PROJ
+PRED = OPENPHENOM_PRED
 OPENPHENOM_DECODER_HEADS = 16
 OPENPHENOM_DECODER_EPS = 1e-5
 
 
-def openphenom_config(state: Mapping[str, np.ndarray], *, source: str = "state dict",
-                      decoder_heads: int = OPENPHENOM_DECODER_HEADS, decoder_eps: float = OPENPHENOM_DECODER_EPS,
-                      cross_attn_heads: int = 8, **overrides) -> MAEConfig:
+def mae_params_from_openphenom(
+    sd: Mapping[str, np.ndarray], cfg, *, mlp_bias: str = "legacy", source: str = "state dict"
+) -> dict:
+    """OpenPhenom / maes_microscopy MAE state dict -> nested dict matching `nnx.state(MAE(cfg), nnx.Param)`."""
+    r = _Reader(sd, source)
+    enc = cfg.encoder
+    dd, de = cfg.decoder_width, enc.width
+    mlp = int(dd * cfg.decoder_mlp_ratio)
+    p, g = enc.patch_size, enc.grid
+    out = {"encoder": _read_encoder(r, enc, OPENPHENOM_ENCODER, mlp_bias)}
+    out["decoder_embed"] = _linear(r, OPENPHENOM_PROJ[:-1], de, dd)
+    out["mask_token"] = r.take(OPENPHENOM_DECODER + "mask_token", (1, 1, dd))
+    D = OPENPHENOM_DECODER
+    ignore: tuple[str, ...] = ()
+    if cfg.decoder == "channel_agnostic":
+        nc = cfg.decoder_channels
+        out["decoder_pred"] = _linear(r, OPENPHENOM_PRED[:-1], dd, p * p)
+        out["modality_tokens"] = np.concatenate(
+            [r.take(f"{D}modality_tokens.{c}", (1, 1, dd))[0] for c in range(nc)], axis=0
+        )
+        for name in ("query_norm", "context_norm", "out_norm"):
+            out[name] = _norm(r, D + name, dd)
+        out["cross_attn"] = {
+            "q": _linear(r, D + "cross_attention.q", dd, dd, bias=False),
+            "kv": _linear(r, D + "cross_attention.kv", dd, 2 * dd, bias=False),
+            "proj": _linear(r, D + "cross_attention.proj", dd, dd),
+        }
+        out["decoder_mlp"] = {"fc1": _linear(r, D + "mlp.fc1", dd, mlp), "fc2": _linear(r, D + "mlp.fc2", mlp, dd)}
+        out["decoder_blocks"] = _stack(
+            [
+                _prenorm_block(r, f"{D}decoders.{c}.{i}", dd, cfg.decoder_heads, mlp)
+                for c in range(nc)
+                for i in range(cfg.decoder_depth)
+            ]
+        )
+        r.check_table(D + "pos_embeddings", sincos_2d(g, g, dd, cls_row=True, repeat=nc))
+        ignore = (D + "placeholder",)  # constant zeros added to the decoder CLS token, which predicts nothing
+    else:
+        out["decoder_pred"] = _linear(r, OPENPHENOM_PRED[:-1], dd, p * p * enc.in_chans)
+        out["decoder_blocks"] = _stack(
+            [_prenorm_block(r, f"{D}blocks.{i}", dd, cfg.decoder_heads, mlp) for i in range(cfg.decoder_depth)]
+        )
+        out["decoder_norm"] = _norm(r, D + "norm", dd)
+        r.check_table(D + "pos_embeddings", sincos_2d(g, g, dd, cls_row=True))
+    r.finish(ignore)
+    return out
+
+
+def load_mae_weights(
+    mae, sd: Mapping[str, np.ndarray], *, mlp_bias: str = "legacy", source: str = "state dict"
+) -> None:
+    """Load an OpenPhenom-layout MAE state dict into an `MAE` in place (WeightsError on any mismatch)."""
+    apply_params(mae, mae_params_from_openphenom(sd, mae.cfg, mlp_bias=mlp_bias, source=source), source)
+
+
+def openphenom_config(
+    state: Mapping[str, np.ndarray],
+    *,
+    source: str = "state dict",
+    decoder_heads: int = OPENPHENOM_DECODER_HEADS,
+    decoder_eps: float = OPENPHENOM_DECODER_EPS,
+    cross_attn_heads: int = 8,
+    **overrides,
+) -> MAEConfig:
     """Infer an `MAEConfig` from an OpenPhenom-layout state dict. Encoder fields in `overrides` go to the
     encoder; the decoder head counts cannot be read from shapes (OpenPhenom: 16 block heads, 8 cross-attention
     heads)."""
     enc_fields = set(ViTConfig.__dataclass_fields__)
-    enc = config_from_timm_state(state, prefix=ENC, source=source,
-                                 **{k: v for k, v in overrides.items() if k in enc_fields})
+    enc = config_from_timm_state(
+        state, prefix=ENC, source=source, **{k: v for k, v in overrides.items() if k in enc_fields}
+    )
     mae_over = {k: v for k, v in overrides.items() if k not in enc_fields}
     try:
         dd, de = state[PROJ + "weight"].shape
@@ -61,17 +146,20 @@ def openphenom_config(state: Mapping[str, np.ndarray], *, source: str = "state d
         nc = 1 + max(int(m.group(1)) for k in state if (m := re.match(re.escape(DEC) + r"modality_tokens\.(\d+)$", k)))
         pat = re.escape(DEC) + r"decoders\.0\.(\d+)\."
         depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(pat, k))), default=-1)
-        kw = dict(decoder="channel_agnostic", decoder_channels=nc, cross_attn_heads=cross_attn_heads,
-                  decoder_eps=decoder_eps)
+        kw = dict(
+            decoder="channel_agnostic", decoder_channels=nc, cross_attn_heads=cross_attn_heads, decoder_eps=decoder_eps
+        )
     else:
-        depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(re.escape(DEC) + r"blocks\.(\d+)\.", k))),
-                        default=-1)
+        depth = 1 + max(
+            (int(m.group(1)) for k in state if (m := re.match(re.escape(DEC) + r"blocks\.(\d+)\.", k))), default=-1
+        )
         mlp = state.get(DEC + "blocks.0.mlp.fc1.weight", np.zeros((4 * dd, 0))).shape[0]
         kw = dict(decoder="standard", decoder_eps=overrides.get("decoder_eps", 1e-6))
     if depth < 1 or mlp is None:
         raise WeightsError(f"{source}: no decoder blocks found under {DEC!r}")
-    kw.update(decoder_width=dd, decoder_depth=depth, decoder_heads=decoder_heads,
-              decoder_mlp_ratio=(mlp or 4 * dd) / dd)
+    kw.update(
+        decoder_width=dd, decoder_depth=depth, decoder_heads=decoder_heads, decoder_mlp_ratio=(mlp or 4 * dd) / dd
+    )
     kw.update(mae_over)
     try:
         return MAEConfig(encoder=enc, **kw)
@@ -87,7 +175,7 @@ def load_openphenom(source, *, mlp_bias: str = "legacy", **overrides) -> MAE:
     """
     name, state = _source_state(source, "")
     cfg = openphenom_config(state, source=name, **overrides)
-    nested = convert.mae_params_from_openphenom(state, cfg, mlp_bias=mlp_bias, source=name)
+    nested = mae_params_from_openphenom(state, cfg, mlp_bias=mlp_bias, source=name)
     return model_from_params(lambda: MAE(cfg, rngs=nnx.Rngs(0)), _flatten(nested), source=name)
 
 
@@ -96,8 +184,9 @@ def load_openphenom_encoder(source, *, mlp_bias: str = "legacy", **overrides) ->
     return load_timm_vit(source, mlp_bias=mlp_bias, prefix=ENC, **overrides)
 
 
-def openphenom_state_dict(mae: MAE, *, mlp_bias: str = "legacy",
-                          fixed: Mapping[str, np.ndarray] | None = None) -> StateDict:
+def openphenom_state_dict(
+    mae: MAE, *, mlp_bias: str = "legacy", fixed: Mapping[str, np.ndarray] | None = None
+) -> StateDict:
     """Our `MAE` -> a state dict in the OpenPhenom layout (float32 numpy, PyTorch shapes).
 
     The fixed tables (`encoder.vit_backbone.pos_embed`, `decoder.pos_embeddings`) are recomputed and
@@ -157,8 +246,10 @@ def openphenom_state_dict(mae: MAE, *, mlp_bias: str = "legacy",
         out[DEC + "pos_embeddings"] = sincos_2d(g, g, dd, cls_row=True)[None]
     for key, arr in (fixed or {}).items():
         if key not in (ENC + "pos_embed", DEC + "pos_embeddings", DEC + "placeholder"):
-            raise WeightsError(f"openphenom_state_dict: {key!r} is not a fixed table; only pos tables and the "
-                               "placeholder can be supplied")
+            raise WeightsError(
+                f"openphenom_state_dict: {key!r} is not a fixed table; only pos tables and the "
+                "placeholder can be supplied"
+            )
         if key in out and (np.shape(arr) != out[key].shape or not np.allclose(arr, out[key], atol=1e-5)):
             raise WeightsError(f"openphenom_state_dict: supplied {key} {np.shape(arr)} differs from the fixed table")
         out[key] = np.asarray(arr, np.float32)
@@ -171,3 +262,31 @@ FIXED_KEYS = (ENC + "pos_embed", DEC + "pos_embeddings", DEC + "placeholder")
 def fixed_tables(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The non-trainable tables of an OpenPhenom state dict (to pass to `openphenom_state_dict(fixed=...)`)."""
     return {k: np.asarray(state[k]) for k in FIXED_KEYS if k in state}
+
+
+def export_openphenom(
+    path: str | os.PathLike,
+    mae: MAE,
+    *,
+    mlp_bias: str = "legacy",
+    fixed: Mapping[str, np.ndarray] | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Write a whole `MAE` in the OpenPhenom layout (safetensors); see `openphenom_state_dict`."""
+    cfg = mae.cfg
+    state = openphenom_state_dict(mae, mlp_bias=mlp_bias, fixed=fixed)
+    meta = export_metadata(
+        "openphenom",
+        mlp_bias=mlp_bias,
+        timm_kwargs=timm_kwargs(cfg.encoder),
+        decoder=dict(
+            width=cfg.decoder_width,
+            depth=cfg.decoder_depth,
+            heads=cfg.decoder_heads,
+            channels=cfg.decoder_channels,
+            cross_attn_heads=cfg.cross_attn_heads,
+            eps=cfg.decoder_eps,
+            kind=cfg.decoder,
+        ),
+    )
+    return write_safetensors(path, state, meta, overwrite=overwrite)

@@ -2,9 +2,10 @@
 
 Flat names join the NNX state path with dots; stacked block parameters keep their leading layer axis.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -59,10 +60,31 @@ def model_from_params(ctor: Callable[[], nnx.Module], flat: Mapping[str, np.ndar
     graphdef, state = nnx.split(abstract)
     want = {k: tuple(v.shape) for k, v in _flatten(nnx.to_pure_dict(state)).items()}
     bad = sorted(set(want) ^ set(flat)) + sorted(
-        f"{k} {np.shape(flat[k])} != {want[k]}" for k in want if k in flat and tuple(np.shape(flat[k])) != want[k])
+        f"{k} {np.shape(flat[k])} != {want[k]}" for k in want if k in flat and tuple(np.shape(flat[k])) != want[k]
+    )
     if bad:
         from vitally_jax.interop.readers import format_keys
 
         raise WeightsError(f"{source}: converted parameters do not fit the model: {format_keys(bad)}")
     nnx.replace_by_pure_dict(state, _unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}))
     return nnx.merge(graphdef, state)
+
+
+def apply_params(module: nnx.Module, params: dict, source: str) -> None:
+    """Write a nested parameter dict (as `nnx.to_pure_dict` gives) into `module` in place; `WeightsError` if
+    its groups or shapes differ from the module's."""
+    state = nnx.state(module, nnx.Param)
+    ours = nnx.to_pure_dict(state)
+
+    def check(a, b, path=""):
+        if isinstance(a, dict):
+            if set(a) != set(b):
+                raise WeightsError(f"{source}: parameter groups {sorted(set(a) ^ set(b))} at '{path}' do not match")
+            for k in a:
+                check(a[k], b[k], f"{path}/{k}")
+        elif tuple(a.shape) != tuple(b.shape):
+            raise WeightsError(f"{source}: {path} has shape {tuple(b.shape)}, model expects {tuple(a.shape)}")
+
+    check(ours, params)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(module, state)

@@ -12,12 +12,13 @@ arrays in PyTorch layout (Linear weights (out, in), Conv weights (out, in, kh, k
 `check_state_dict` compares a state dict with the keys and shapes a model expects and raises ONE `WeightsError`
 line naming the missing, unexpected and wrongly shaped keys (long lists truncated with a count).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -93,8 +94,10 @@ def _read_torch(path: pathlib.Path) -> StateDict:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many exception types for corrupt or unsafe pickles
         why = " ".join(str(e).split())[:160]
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint with torch.load(weights_only=True) "
-                           f"({type(e).__name__}: {why}); if you trust the file, convert it to .safetensors") from None
+        raise WeightsError(
+            f"{path}: not a readable PyTorch checkpoint with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {why}); if you trust the file, convert it to .safetensors"
+        ) from None
     while isinstance(obj, Mapping):
         inner = [k for k in _CONTAINER_KEYS if k in obj and isinstance(obj[k], Mapping)]
         if not inner or any(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -133,16 +136,21 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     if not state:
         raise WeightsError(f"{path}: the file holds no tensors")
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
 SAFETENSORS_KIND = "safetensors weights"
 
 
-def write_safetensors(path: str | os.PathLike, state: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None, *, overwrite: bool = False,
-                      inputs=()) -> pathlib.Path:
+def write_safetensors(
+    path: str | os.PathLike,
+    state: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+    inputs=(),
+) -> pathlib.Path:
     """Write `state` as a safetensors file atomically (temporary name, then rename); returns the path.
 
     `metadata` values must be strings (safetensors stores a str -> str header); dicts are JSON-encoded.
@@ -173,7 +181,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def select_prefix(state: Mapping[str, np.ndarray], prefix: str) -> StateDict:
     """The entries whose key starts with `prefix`, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def add_prefix(state: Mapping[str, np.ndarray], prefix: str) -> StateDict:
@@ -181,8 +189,13 @@ def add_prefix(state: Mapping[str, np.ndarray], prefix: str) -> StateDict:
     return {f"{prefix}{k}": v for k, v in state.items()}
 
 
-def check_state_dict(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], *,
-                     source: str, allow_extra: Iterable[str] = ()) -> None:
+def check_state_dict(
+    state: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    source: str,
+    allow_extra: Iterable[str] = (),
+) -> None:
     """Raise one `WeightsError` line if `state` does not have exactly the `expected` keys and shapes.
 
     state: {key: array}; expected: {key: shape}; source: the file or layout named in the message;
@@ -205,3 +218,15 @@ def check_state_dict(state: Mapping[str, np.ndarray], expected: Mapping[str, tup
         parts.append(f"{len(wrong)} wrongly shaped key(s) (got != expected): {format_keys(wrong)}")
     if parts:
         raise WeightsError(f"{source}: state dict does not match the model: " + "; ".join(parts))
+
+
+EXPORT_FORMAT = "vitally_jax.interop/1"
+
+
+def export_metadata(kind: str, **fields) -> dict[str, str]:
+    """The safetensors metadata of a file written by `export_*`: format, kind, library versions and `fields`."""
+    from vitally_jax.checkpoint import versions
+
+    doc = {"format": EXPORT_FORMAT, "kind": kind, "versions": versions()}
+    doc.update(fields)
+    return {"vitally_jax": json.dumps(doc, sort_keys=True)}

@@ -2,28 +2,261 @@
 
 Recursion's encoders are timm `VisionTransformer`s with `ParallelScalingBlock`, `qkv_bias=False`, `qk_norm=True`,
 `init_values=1e-4` and fixed 2-D sin-cos positions (`pos_embed` recomputed and checked, never trained).
-The key mapping and the `mlp_bias` semantics live in `vitally_jax.models.convert`; this module reads files,
-infers the geometry from the tensor shapes and builds the encoder without a random initialisation.
+This module holds both directions: the key mapping (Linear weights (out, in) are transposed, Conv
+(D, C, p, p) -> (p, p, C, D), per-block tensors are stacked on the layer axis; the fixed sin-cos `pos_embed` is
+checked against the recomputed table, never loaded), reading files and inferring the geometry from the tensor
+shapes (building the encoder without a random initialisation), and the export back to timm safetensors
+(`export_timm_vit`, whose metadata holds `timm_kwargs`, the keyword arguments that build the matching timm model:
+`timm.models.vision_transformer.VisionTransformer(**kwargs, block_fn=...)`). Channel-agnostic encoders use
+OpenPhenom's 1-channel patch conv and an `max_in_chans`-channel pos table, which plain timm cannot build; their
+metadata says so.
 
-`mlp_bias`: 'legacy' (timm <= 1.0.24, what Recursion trained with; the default) or 'new' (timm >= 1.0.25).
+    enc = ViTEncoder(vit_config("S/16"), rngs=nnx.Rngs(0))
+    load_encoder_weights(enc, state_dict)                 # bare timm keys, in place
+    enc = load_timm_vit("vit.safetensors")                # or build it from the file
+    export_timm_vit("ours.safetensors", enc)
+
+`mlp_bias`: the parallel-scaling block's `mlp_bias` has two meanings:
+- 'legacy' (timm <= 1.0.24, what Recursion trained with; the default): the effective bias over [mlp|q|k|v] is
+  concat(zeros(3D), mlp_bias): fc1 = b[0:H], q = b[H:H+D], k = b[H+D:H+2D], v = b[H+2D:].
+- 'new' (timm >= 1.0.25): fc1 = mlp_bias, q = k = v = 0.
 The state dict keys are identical under both; only the outputs differ, so the flag must match the timm version
 that produced (or will consume) the weights.
 """
+
 from __future__ import annotations
 
+import os
+import pathlib
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from flax import nnx
 
 from vitally_jax.errors import ConfigError, WeightsError
-from vitally_jax.interop.params import _flatten, model_from_params
-from vitally_jax.interop.readers import StateDict, read_state_dict
-from vitally_jax.models import convert
+from vitally_jax.interop.params import _flatten, apply_params, model_from_params
+from vitally_jax.interop.readers import StateDict, export_metadata, read_state_dict, write_safetensors
+from vitally_jax.models.layers import sincos_2d
 from vitally_jax.models.vit import ViTConfig, ViTEncoder, vit_config
 
 OPENPHENOM_MAX_IN_CHANS = 11
+MLP_BIAS_MODES = ("legacy", "new")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Key mapping: timm state dict <-> our nested parameters
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Takes keys from a state dict, checking shapes; reports missing / unexpected / wrongly shaped keys."""
+
+    def __init__(self, sd: Mapping[str, np.ndarray], source: str):
+        self.sd = {k: np.asarray(v) for k, v in sd.items()}
+        self.source = source
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+        self.wrong: list[str] = []
+
+    def take(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if key not in self.sd:
+            self.missing.append(key)
+            return np.zeros(shape, np.float32)
+        self.used.add(key)
+        a = self.sd[key]
+        if tuple(a.shape) != tuple(shape):
+            self.wrong.append(f"{key} {tuple(a.shape)} (expected {tuple(shape)})")
+            return np.zeros(shape, np.float32)
+        return a.astype(np.float32)
+
+    def check_table(self, key: str, table: np.ndarray) -> None:
+        a = self.take(key, (1,) + table.shape)
+        if key in self.used and not any(w.startswith(key + " ") for w in self.wrong):
+            if not np.allclose(a[0], table, atol=1e-5):
+                self.wrong.append(f"{key} (not the fixed 2-D sin-cos table)")
+
+    def finish(self, ignore: tuple[str, ...] = ()) -> None:
+        extra = sorted(k for k in self.sd if k not in self.used and k not in ignore)
+        parts = []
+        for name, items in (("missing", self.missing), ("unexpected", extra), ("wrong shape", self.wrong)):
+            if items:
+                shown = ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
+                parts.append(f"{name}: {shown}")
+        if parts:
+            raise WeightsError(f"{self.source}: state dict does not match the model; " + "; ".join(parts))
+
+
+def _linear(r: _Reader, key: str, din: int, dout: int, bias: bool = True) -> dict:
+    out = {"kernel": r.take(key + ".weight", (dout, din)).T}
+    if bias:
+        out["bias"] = r.take(key + ".bias", (dout,))
+    return out
+
+
+def _norm(r: _Reader, key: str, dim: int) -> dict:
+    return {"scale": r.take(key + ".weight", (dim,)), "bias": r.take(key + ".bias", (dim,))}
+
+
+def _stack(items: list[dict]) -> dict:
+    if isinstance(items[0], dict):
+        return {k: _stack([it[k] for it in items]) for k in items[0]}
+    return np.stack(items)
+
+
+def _parallel_block(r: _Reader, key: str, d: int, heads: int, h: int, mlp_bias: str) -> dict:
+    hd = d // heads
+    mb = r.take(key + ".mlp_bias", (h,))
+    if mlp_bias == "legacy":
+        b = np.concatenate([np.zeros(3 * d, np.float32), mb])
+        fc1, q, k, v = b[:h], b[h : h + d], b[h + d : h + 2 * d], b[h + 2 * d :]
+    else:
+        fc1, q, k, v = mb, *(np.zeros(d, np.float32) for _ in range(3))
+    return {
+        "in_norm": _norm(r, key + ".in_norm", d),
+        "in_proj": r.take(key + ".in_proj.weight", (h + 3 * d, d)).T,
+        "fc1_bias": fc1,
+        "q_bias": q,
+        "k_bias": k,
+        "v_bias": v,
+        "q_norm": _norm(r, key + ".q_norm", hd),
+        "k_norm": _norm(r, key + ".k_norm", hd),
+        "attn_out": _linear(r, key + ".attn_out_proj", d, d),
+        "mlp_out": _linear(r, key + ".mlp_out_proj", h, d),
+        "gamma": r.take(key + ".ls.gamma", (d,)),
+    }
+
+
+def _prenorm_block(
+    r: _Reader, key: str, d: int, heads: int, h: int, *, qkv_bias=True, qk_norm=False, layer_scale=False
+) -> dict:
+    out = {
+        "norm1": _norm(r, key + ".norm1", d),
+        "qkv": _linear(r, key + ".attn.qkv", d, 3 * d, bias=qkv_bias),
+        "proj": _linear(r, key + ".attn.proj", d, d),
+        "norm2": _norm(r, key + ".norm2", d),
+        "fc1": _linear(r, key + ".mlp.fc1", d, h),
+        "fc2": _linear(r, key + ".mlp.fc2", h, d),
+    }
+    if qk_norm:
+        out["q_norm"] = _norm(r, key + ".attn.q_norm", d // heads)
+        out["k_norm"] = _norm(r, key + ".attn.k_norm", d // heads)
+    if layer_scale:
+        out["gamma1"] = r.take(key + ".ls1.gamma", (d,))
+        out["gamma2"] = r.take(key + ".ls2.gamma", (d,))
+    return out
+
+
+def _read_encoder(r: _Reader, cfg, prefix: str, mlp_bias: str) -> dict:
+    if mlp_bias not in MLP_BIAS_MODES:
+        raise WeightsError(f"mlp_bias={mlp_bias!r}: expected one of {MLP_BIAS_MODES}")
+    d, p, g = cfg.width, cfg.patch_size, cfg.grid
+    cin = 1 if cfg.channel_agnostic else cfg.in_chans
+    w = r.take(prefix + "patch_embed.proj.weight", (d, cin, p, p))
+    out = {
+        "patch_embed": {"kernel": w.transpose(2, 3, 1, 0), "bias": r.take(prefix + "patch_embed.proj.bias", (d,))},
+        "cls_token": r.take(prefix + "cls_token", (1, 1, d)),
+        "norm": _norm(r, prefix + ("norm" if cfg.global_pool == "token" else "fc_norm"), d),
+    }
+    reps = cfg.max_in_chans if cfg.channel_agnostic else 1
+    r.check_table(prefix + "pos_embed", sincos_2d(g, g, d, cls_row=True, repeat=reps))
+    if cfg.block == "parallel":
+        blocks = [
+            _parallel_block(r, f"{prefix}blocks.{i}", d, cfg.num_heads, cfg.mlp_dim, mlp_bias) for i in range(cfg.depth)
+        ]
+    else:
+        blocks = [
+            _prenorm_block(
+                r,
+                f"{prefix}blocks.{i}",
+                d,
+                cfg.num_heads,
+                cfg.mlp_dim,
+                qkv_bias=cfg.qkv_bias,
+                qk_norm=cfg.qk_norm,
+                layer_scale=cfg.init_values is not None,
+            )
+            for i in range(cfg.depth)
+        ]
+    out["blocks"] = _stack(blocks)
+    return out
+
+
+def encoder_params_from_timm(
+    sd: Mapping[str, np.ndarray], cfg, *, mlp_bias: str = "legacy", prefix: str = "", source: str = "state dict"
+) -> dict:
+    """timm ViT state dict -> nested dict matching `nnx.state(ViTEncoder(cfg), nnx.Param).to_pure_dict()`.
+
+    Only keys starting with `prefix` are considered; any other key under it is reported as unexpected.
+    """
+    r = _Reader({k: v for k, v in sd.items() if k.startswith(prefix)}, source)
+    out = _read_encoder(r, cfg, prefix, mlp_bias)
+    r.finish()
+    return out
+
+
+def load_encoder_weights(
+    encoder, sd: Mapping[str, np.ndarray], *, mlp_bias: str = "legacy", prefix: str = "", source: str = "state dict"
+) -> None:
+    """Load a timm ViT state dict into a `ViTEncoder` in place (WeightsError on any mismatch)."""
+    apply_params(
+        encoder, encoder_params_from_timm(sd, encoder.cfg, mlp_bias=mlp_bias, prefix=prefix, source=source), source
+    )
+
+
+def encoder_to_timm(encoder, *, mlp_bias: str = "legacy", prefix: str = "") -> dict[str, np.ndarray]:
+    """Our parallel-scaling `ViTEncoder` -> timm state dict (float32 numpy), including the fixed `pos_embed`.
+
+    WeightsError when the biases cannot be expressed in the chosen `mlp_bias` semantics.
+    """
+    cfg = encoder.cfg
+    if cfg.block != "parallel":
+        raise WeightsError("encoder_to_timm: only parallel-scaling encoders are exported")
+    if mlp_bias not in MLP_BIAS_MODES:
+        raise WeightsError(f"mlp_bias={mlp_bias!r}: expected one of {MLP_BIAS_MODES}")
+    s = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
+    s = {k: v for k, v in s.items()}
+    a = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    d, h = cfg.width, cfg.mlp_dim
+    out = {
+        "cls_token": a(s["cls_token"]),
+        "patch_embed.proj.weight": a(s["patch_embed"]["kernel"]).transpose(3, 2, 0, 1),
+        "patch_embed.proj.bias": a(s["patch_embed"]["bias"]),
+    }
+    reps = cfg.max_in_chans if cfg.channel_agnostic else 1
+    out["pos_embed"] = sincos_2d(cfg.grid, cfg.grid, d, cls_row=True, repeat=reps)[None]
+    norm = "norm" if cfg.global_pool == "token" else "fc_norm"
+    out[f"{norm}.weight"], out[f"{norm}.bias"] = a(s["norm"]["scale"]), a(s["norm"]["bias"])
+    b = s["blocks"]
+    for i in range(cfg.depth):
+        k = f"blocks.{i}."
+        eff = np.concatenate([a(b[n])[i] for n in ("fc1_bias", "q_bias", "k_bias", "v_bias")])
+        if mlp_bias == "legacy":
+            if np.any(eff[: 3 * d] != 0):
+                raise WeightsError(
+                    f"encoder_to_timm: block {i} biases are not expressible as legacy mlp_bias "
+                    "(the first 3*width effective biases must be zero)"
+                )
+            mb = eff[3 * d :]
+        else:
+            if np.any(eff[h:] != 0):
+                raise WeightsError(f"encoder_to_timm: block {i} has q/k/v biases; not expressible with mlp_bias='new'")
+            mb = eff[:h]
+        out[k + "in_norm.weight"], out[k + "in_norm.bias"] = a(b["in_norm"]["scale"])[i], a(b["in_norm"]["bias"])[i]
+        out[k + "in_proj.weight"] = a(b["in_proj"])[i].T
+        out[k + "mlp_bias"] = mb
+        for n in ("q_norm", "k_norm"):
+            out[k + n + ".weight"], out[k + n + ".bias"] = a(b[n]["scale"])[i], a(b[n]["bias"])[i]
+        for ours, theirs in (("attn_out", "attn_out_proj"), ("mlp_out", "mlp_out_proj")):
+            out[k + theirs + ".weight"] = a(b[ours]["kernel"])[i].T
+            out[k + theirs + ".bias"] = a(b[ours]["bias"])[i]
+        out[k + "ls.gamma"] = a(b["gamma"])[i]
+    return {prefix + k: v for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Files: read, infer the geometry, build; export
+# ------------------------------------------------------------------------------------------------------------------
 
 
 def _source_state(source, prefix: str) -> tuple[str, StateDict]:
@@ -34,8 +267,9 @@ def _source_state(source, prefix: str) -> tuple[str, StateDict]:
     return name, state
 
 
-def config_from_timm_state(state: Mapping[str, np.ndarray], *, prefix: str = "", source: str = "state dict",
-                           **overrides) -> ViTConfig:
+def config_from_timm_state(
+    state: Mapping[str, np.ndarray], *, prefix: str = "", source: str = "state dict", **overrides
+) -> ViTConfig:
     """Infer a `ViTConfig` from a timm ViT state dict's shapes (keys under `prefix`); `overrides` win.
 
     Width, depth, heads (from the QK-norm size), MLP width, patch size, channel-agnostic patch embedding
@@ -59,7 +293,7 @@ def config_from_timm_state(state: Mapping[str, np.ndarray], *, prefix: str = "",
         cfg["block"] = "parallel"
         votes = []  # every tensor that shows the MLP width votes: one bad tensor is reported, not taken as geometry
         for k, v in state.items():
-            tail = k[len(P):] if k.startswith(P) else ""
+            tail = k[len(P) :] if k.startswith(P) else ""
             if re.fullmatch(r"blocks\.\d+\.in_proj\.weight", tail):
                 votes.append(v.shape[0] - 3 * d)
             elif re.fullmatch(r"blocks\.\d+\.mlp_bias", tail):
@@ -90,11 +324,12 @@ def config_from_timm_state(state: Mapping[str, np.ndarray], *, prefix: str = "",
             cfg["max_in_chans"] = overrides.get("max_in_chans", OPENPHENOM_MAX_IN_CHANS)
             g = int(round((n / cfg["max_in_chans"]) ** 0.5))
         if g * g * cfg["max_in_chans"] != n:
-            raise WeightsError(f"{source}: pos_embed has {pos_len} rows; not 1 + max_in_chans x grid^2 "
-                               "(pass max_in_chans or img_size)")
+            raise WeightsError(
+                f"{source}: pos_embed has {pos_len} rows; not 1 + max_in_chans x grid^2 (pass max_in_chans or img_size)"
+            )
         cfg["in_chans"] = min(6, cfg["max_in_chans"])
     else:
-        g = int(round(n ** 0.5))
+        g = int(round(n**0.5))
         if g * g != n:
             raise WeightsError(f"{source}: pos_embed has {pos_len} rows; expected 1 + a square grid")
         cfg["in_chans"] = cin
@@ -106,8 +341,9 @@ def config_from_timm_state(state: Mapping[str, np.ndarray], *, prefix: str = "",
         raise WeightsError(f"{source}: inferred encoder settings are invalid ({e})") from None
 
 
-def load_timm_vit(source, *, mlp_bias: str = "legacy", prefix: str = "", variant: str | None = None,
-                  **overrides) -> ViTEncoder:
+def load_timm_vit(
+    source, *, mlp_bias: str = "legacy", prefix: str = "", variant: str | None = None, **overrides
+) -> ViTEncoder:
     """Load a timm ViT checkpoint (path or state dict) into a `ViTEncoder`.
 
     mlp_bias: 'legacy' | 'new' (see module docstring). prefix: keys under it are the encoder (others ignored,
@@ -126,7 +362,7 @@ def load_timm_vit(source, *, mlp_bias: str = "legacy", prefix: str = "", variant
         if got != exp:
             diff = ", ".join(f"{k} {got[k]} (expected {exp[k]})" for k in keys if got[k] != exp[k])
             raise WeightsError(f"{name}: not a {variant} encoder: {diff}")
-    nested = convert.encoder_params_from_timm(state, cfg, mlp_bias=mlp_bias, prefix=prefix, source=name)
+    nested = encoder_params_from_timm(state, cfg, mlp_bias=mlp_bias, prefix=prefix, source=name)
     return model_from_params(lambda: ViTEncoder(cfg, rngs=nnx.Rngs(0)), _flatten(nested), source=name)
 
 
@@ -136,5 +372,45 @@ def timm_vit_state_dict(encoder: ViTEncoder, *, mlp_bias: str = "legacy", prefix
     `pos_embed` is the fixed sin-cos table. `WeightsError` if the block biases cannot be expressed with the
     chosen `mlp_bias` semantics (legacy: the first 3*width effective biases must be zero; new: q/k/v biases).
     """
-    state = convert.encoder_to_timm(encoder, mlp_bias=mlp_bias, prefix=prefix)
+    state = encoder_to_timm(encoder, mlp_bias=mlp_bias, prefix=prefix)
     return {k: np.ascontiguousarray(v) for k, v in state.items()}
+
+
+def timm_kwargs(cfg: ViTConfig) -> dict:
+    """Keyword arguments of timm's `VisionTransformer` that build the model matching `cfg` (block_fn by name)."""
+    kw = dict(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=1 if cfg.channel_agnostic else cfg.in_chans,
+        embed_dim=cfg.width,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_dim / cfg.width,
+        num_classes=0,
+        class_token=True,
+        global_pool=cfg.global_pool,
+        fc_norm=None,
+        init_values=cfg.init_values,
+    )
+    if cfg.block == "parallel":
+        kw.update(block_fn="ParallelScalingBlock", qkv_bias=False, qk_norm=True)
+    else:
+        kw.update(block_fn="Block", qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm)
+    return kw
+
+
+def export_timm_vit(
+    path: str | os.PathLike, encoder: ViTEncoder, *, mlp_bias: str = "legacy", prefix: str = "", overwrite: bool = False
+) -> pathlib.Path:
+    """Write `encoder` as a timm ViT state dict (safetensors). WeightsError if the biases do not fit `mlp_bias`."""
+    cfg = encoder.cfg
+    state = timm_vit_state_dict(encoder, mlp_bias=mlp_bias, prefix=prefix)
+    meta = export_metadata(
+        "timm_vit",
+        mlp_bias=mlp_bias,
+        prefix=prefix,
+        timm_kwargs=timm_kwargs(cfg),
+        channel_agnostic=cfg.channel_agnostic,
+        max_in_chans=cfg.max_in_chans,
+    )
+    return write_safetensors(path, state, meta, overwrite=overwrite)

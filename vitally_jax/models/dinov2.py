@@ -27,6 +27,7 @@ Usage:
     out = model(x)                                      # x (B, H, W, 3), H, W multiples of 14
     feats = embed_channels_as_rgb(model, cell_images)   # (B, nb, C*D) per readout
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,16 +62,16 @@ class Dinov2Config:
     depth: int = 12
     num_heads: int = 6
     mlp_dim: int = 1536
-    mlp: str = "mlp"                    # 'mlp' (exact GELU) | 'swiglu' (timm SwiGLUPacked)
+    mlp: str = "mlp"  # 'mlp' (exact GELU) | 'swiglu' (timm SwiGLUPacked)
     patch_size: int = 14
     img_size: int = 518
     in_chans: int = 3
-    reg_tokens: int = 0                 # register tokens (the *_reg4_* models)
-    no_embed_class: bool = False        # True: pos_embed covers patches only (timm layout of register models)
-    mask_token: bool = False            # keep the (unused at inference) iBOT mask token of Meta's checkpoints
-    init_values: float | None = 1e-5    # LayerScale init; None: no LayerScale
+    reg_tokens: int = 0  # register tokens (the *_reg4_* models)
+    no_embed_class: bool = False  # True: pos_embed covers patches only (timm layout of register models)
+    mask_token: bool = False  # keep the (unused at inference) iBOT mask token of Meta's checkpoints
+    init_values: float | None = 1e-5  # LayerScale init; None: no LayerScale
     norm_eps: float = 1e-6
-    antialias: bool = True              # bicubic resampling of pos_embed with PyTorch's antialias filter
+    antialias: bool = True  # bicubic resampling of pos_embed with PyTorch's antialias filter
     drop_path_rate: float = 0.0
     dtype: str = "float32"
     attention_impl: str | None = None
@@ -86,7 +87,7 @@ class Dinov2Config:
 
     @property
     def pos_len(self) -> int:
-        return self.grid ** 2 + (0 if self.no_embed_class else 1)
+        return self.grid**2 + (0 if self.no_embed_class else 1)
 
 
 def dinov2_config(variant: str, **overrides) -> Dinov2Config:
@@ -99,10 +100,19 @@ def dinov2_config(variant: str, **overrides) -> Dinov2Config:
         width, depth, heads, mlp_dim, mlp = VARIANTS[size]
         patch = int(patch)
     except (ValueError, KeyError):
-        raise ConfigError(f"model.variant: unknown DINOv2 variant {variant!r}; "
-                          f"expected <{'|'.join(VARIANTS)}>/14[-reg4]") from None
-    base = dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim, mlp=mlp, patch_size=patch,
-                reg_tokens=regs, no_embed_class=regs > 0)
+        raise ConfigError(
+            f"model.variant: unknown DINOv2 variant {variant!r}; expected <{'|'.join(VARIANTS)}>/14[-reg4]"
+        ) from None
+    base = dict(
+        width=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_dim=mlp_dim,
+        mlp=mlp,
+        patch_size=patch,
+        reg_tokens=regs,
+        no_embed_class=regs > 0,
+    )
     if size == "mu":
         base["img_size"] = 4 * patch
     fields = {f.name for f in dataclasses.fields(Dinov2Config)}
@@ -122,6 +132,7 @@ def dinov2_config(variant: str, **overrides) -> Dinov2Config:
 # ----------------------------------------------------------------------------------------------------------------
 # Bicubic resampling of the position table (PyTorch F.interpolate numerics, align_corners=False)
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
     """Keys cubic convolution kernel with parameter a, evaluated at |x|."""
@@ -179,6 +190,7 @@ def resample_grid(table: jax.Array, old: tuple[int, int], new: tuple[int, int], 
 # Modules
 # ----------------------------------------------------------------------------------------------------------------
 
+
 class Dinov2Block(layers.PreNormBlock):
     """Pre-norm block with LayerScale; MLP or packed SwiGLU. Params: norm1, qkv, proj, ls1, norm2, fc1, fc2, ls2.
 
@@ -227,10 +239,14 @@ class Dinov2(nnx.Module):
         d = cfg.width
         self.patch_embed = layers.PatchEmbed(cfg.patch_size, cfg.in_chans, d, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
         self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, d), jnp.float32))
-        self.reg_token = (nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, cfg.reg_tokens, d), jnp.float32))
-                          if cfg.reg_tokens else None)
-        self.pos_embed = nnx.Param(0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, cfg.pos_len, d),
-                                                                       jnp.float32))
+        self.reg_token = (
+            nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, cfg.reg_tokens, d), jnp.float32))
+            if cfg.reg_tokens
+            else None
+        )
+        self.pos_embed = nnx.Param(
+            0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, cfg.pos_len, d), jnp.float32)
+        )
         self.mask_token = nnx.Param(jnp.zeros((1, d), jnp.float32)) if cfg.mask_token else None
         self.blocks = make_stack(lambda r: Dinov2Block(cfg, rngs=r), cfg.depth, rngs)
         self.norm = layers.LayerNorm(d, cfg.norm_eps)
@@ -243,8 +259,10 @@ class Dinov2(nnx.Module):
         if h % p or w % p:
             raise ConfigError(f"input images {h}x{w}: not divisible by patch size {p}")
         if c != cfg.in_chans:
-            raise ConfigError(f"input images have {c} channels; this DINOv2 model expects {cfg.in_chans} "
-                              "(use embed_channels_as_rgb for microscopy channels)")
+            raise ConfigError(
+                f"input images have {c} channels; this DINOv2 model expects {cfg.in_chans} "
+                "(use embed_channels_as_rgb for microscopy channels)"
+            )
         t = self.patch_embed(x)
         pos = self.pos_embed[...][0]
         lead = 0 if cfg.no_embed_class else 1
@@ -262,10 +280,14 @@ class Dinov2(nnx.Module):
         """Readouts of tokens (B, T, D): cls, cls_norm, mean (patch tokens), mean_norm; each (B, D) float32."""
         t = t.astype(jnp.float32)
         cls = t[:, 0]
-        mean = jnp.mean(t[:, self.cfg.num_prefix:], axis=1)
+        mean = jnp.mean(t[:, self.cfg.num_prefix :], axis=1)
         sc, bi, eps = self.norm.scale[...], self.norm.bias[...], self.norm.eps
-        return {"cls": cls, "cls_norm": layers.layer_norm(cls, sc, bi, eps),
-                "mean": mean, "mean_norm": layers.layer_norm(mean, sc, bi, eps)}
+        return {
+            "cls": cls,
+            "cls_norm": layers.layer_norm(cls, sc, bi, eps),
+            "mean": mean,
+            "mean_norm": layers.layer_norm(mean, sc, bi, eps),
+        }
 
     def __call__(self, x: jax.Array, *, num_blocks: int | None = None, drop_key: jax.Array | None = None) -> dict:
         """x (B, H, W, C) -> {'tokens': (B, T, D), 'blocks': {readout: (B, nb, D)}}; first `num_blocks` blocks."""
@@ -287,8 +309,9 @@ def embed_channels_as_rgb(model: Dinov2, x: jax.Array, *, num_blocks: int | None
     image are concatenated in channel order. Returns {readout: (B, nb, C*D)} for cls, cls_norm, mean, mean_norm.
     """
     if model.cfg.in_chans != 3:
-        raise ConfigError(f"embed_channels_as_rgb: the model takes {model.cfg.in_chans} channels; "
-                          "expected an RGB (3-channel) model")
+        raise ConfigError(
+            f"embed_channels_as_rgb: the model takes {model.cfg.in_chans} channels; expected an RGB (3-channel) model"
+        )
     b, h, w, c = x.shape
     grey = jnp.moveaxis(x, -1, 1).reshape(b * c, h, w, 1)
     out = model(jnp.repeat(grey, 3, axis=-1), num_blocks=num_blocks)["blocks"]

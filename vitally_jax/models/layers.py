@@ -1,9 +1,10 @@
-"""Building blocks of the ViT and MAE models: patch embeddings, sin-cos tables, blocks, drop path.
+"""Building blocks of the ViT and MAE models: patch embeddings, sin-cos tables, blocks, drop path, masking.
 
 All matmul weights are stored as (in, out) float32 `nnx.Param`s; the compute dtype is a per-module setting
 (params are cast on use). LayerNorm statistics are always computed in float32 with a two-pass variance, as
 PyTorch does. Randomness (stochastic depth) is always an explicit `key` argument.
 """
+
 from __future__ import annotations
 
 import jax
@@ -17,6 +18,7 @@ _xavier = nnx.initializers.xavier_uniform()
 # ----------------------------------------------------------------------------------------------------------------
 # Pure functions
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int, *, cls_row: bool = True, repeat: int = 1) -> np.ndarray:
     """Fixed 2-D sin-cos position table, ROW-first layout: [sin(i w), cos(i w), sin(j w), cos(j w)].
@@ -78,6 +80,20 @@ def unpatchify_channels(t: jax.Array, p: int, grid: tuple[int, int], c: int) -> 
     return x.reshape(b, gh * p, gw * p, c)
 
 
+def random_masking(noise: jax.Array, mask_ratio: float):
+    """MAE masking from injected noise (B, L): keep the int(L*(1-ratio)) lowest-noise tokens.
+
+    Returns ids_keep (B, K), mask (B, L) float32 with 1 = removed, ids_restore (B, L).
+    """
+    b, n = noise.shape
+    keep = int(n * (1 - mask_ratio))
+    ids_shuffle = jnp.argsort(noise, axis=1)
+    ids_restore = jnp.argsort(ids_shuffle, axis=1)
+    ids_keep = ids_shuffle[:, :keep]
+    mask = jnp.take_along_axis((jnp.arange(n) >= keep).astype(jnp.float32)[None].repeat(b, 0), ids_restore, axis=1)
+    return ids_keep, mask, ids_restore
+
+
 def drop_path(x: jax.Array, rate, key: jax.Array | None) -> jax.Array:
     """Per-sample stochastic depth on a residual branch (B, ...); scales kept samples by 1/(1-rate)."""
     if key is None:
@@ -110,7 +126,7 @@ def head_group_attention(q, k, v, heads_per_group: int = 2):
     bmm. Split into groups, the smaller batched matmuls run faster, and the independent groups' matmuls and
     softmaxes can run concurrently in XLA's executor:
     the MAE decoder's attention over 257 tokens (batch 32, 16 heads of 32) takes 518 instead of 847 ms forward +
-    backward, and the S/16 train step at 256 px 7% less time (40.5 vs 43.4 s; `tools/profile_train_step.py`)."""
+    backward, and the S/16 train step at 256 px 7% less time (40.5 vs 43.4 s; `tools/perf/profile_train_step.py`)."""
     n = q.shape[2]
     g = heads_per_group if n % heads_per_group == 0 else 1
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
@@ -126,6 +142,7 @@ def head_group_attention(q, k, v, heads_per_group: int = 2):
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------------------------
+
 
 class LayerNorm(nnx.Module):
     """Affine LayerNorm with params `scale`, `bias` (D,)."""
@@ -202,8 +219,18 @@ class ParallelBlock(nnx.Module):
     x + drop_path(gamma * (a + m)).   x: (B, N, D) -> (B, N, D).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, *, eps: float = 1e-6, init_values: float = 1e-4,
-                 dtype=jnp.float32, attention_impl: str | None = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        *,
+        eps: float = 1e-6,
+        init_values: float = 1e-4,
+        dtype=jnp.float32,
+        attention_impl: str | None = None,
+        rngs: nnx.Rngs,
+    ):
         if dim % heads:
             raise ValueError(f"width {dim} not divisible by heads {heads}")
         hd = dim // heads
@@ -227,7 +254,7 @@ class ParallelBlock(nnx.Module):
         bias = jnp.concatenate([self.fc1_bias[...], self.q_bias[...], self.k_bias[...], self.v_bias[...]])
         y = jnp.dot(y, self.in_proj[...].astype(dt)) + bias.astype(dt)
         h = self.mlp_dim
-        m, q, k, v = y[..., :h], y[..., h:h + d], y[..., h + d:h + 2 * d], y[..., h + 2 * d:]
+        m, q, k, v = y[..., :h], y[..., h : h + d], y[..., h + d : h + 2 * d], y[..., h + 2 * d :]
         shape = (b, n, self.heads, d // self.heads)
         q = self.q_norm(q.reshape(shape))
         k = self.k_norm(k.reshape(shape))
@@ -245,9 +272,20 @@ class PreNormBlock(nnx.Module):
     x: (B, N, D) -> (B, N, D).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, *, eps: float = 1e-6, qkv_bias: bool = True,
-                 qk_norm: bool = False, init_values: float | None = None, dtype=jnp.float32,
-                 attention_impl: str | None = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        *,
+        eps: float = 1e-6,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        init_values: float | None = None,
+        dtype=jnp.float32,
+        attention_impl: str | None = None,
+        rngs: nnx.Rngs,
+    ):
         if dim % heads:
             raise ValueError(f"width {dim} not divisible by heads {heads}")
         self.dim, self.heads, self.dtype, self.impl = dim, heads, dtype, attention_impl

@@ -8,6 +8,7 @@
 `pred`/`target` are (B, L, p*p*C) for the standard decoder and (B, C*g*g, p*p) (one channel per token,
 channel-major) for the channel-agnostic one. Loss = (1 - a) * masked MSE + a * Fourier L1, a = 0.01.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,17 +29,17 @@ class MAEConfig:
     """MAE = encoder config + decoder and loss settings."""
 
     encoder: ViTConfig
-    decoder: str = "standard"          # 'standard' | 'channel_agnostic' (OpenPhenom)
+    decoder: str = "standard"  # 'standard' | 'channel_agnostic' (OpenPhenom)
     decoder_width: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
     decoder_mlp_ratio: float = 4.0
     decoder_eps: float = 1e-6
-    decoder_channels: int = 6          # channel-agnostic: number of per-channel decoder stacks
-    cross_attn_heads: int = 8          # channel-agnostic cross-attention heads
+    decoder_channels: int = 6  # channel-agnostic: number of per-channel decoder stacks
+    cross_attn_heads: int = 8  # channel-agnostic cross-attention heads
     mask_ratio: float = 0.75
     fourier_weight: float = 0.01
-    fourier: str = "reference"         # 'reference' (raw reshape, bit-compatible) | 'image' (FFT of the image)
+    fourier: str = "reference"  # 'reference' (raw reshape, bit-compatible) | 'image' (FFT of the image)
 
 
 def mae_config(variant: str, **overrides) -> MAEConfig:
@@ -73,6 +74,7 @@ def mae_config(variant: str, **overrides) -> MAEConfig:
 # Loss (pure functions)
 # ------------------------------------------------------------------------------------------------------------------
 
+
 def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
     """sum_t mask_t * mean_k (pred - target)^2 / sum_t mask_t. pred/target (B, L, K), mask (B, L)."""
     per_token = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
@@ -93,6 +95,7 @@ def _fourier_l1(pred: jax.Array, target: jax.Array, axes: tuple[int, int]) -> ja
     """mean | |FFT2(pred)| - |FFT2(target)| | over `axes`, in float32. The FFTs run shard by shard over the batch:
     left to XLA's SPMD partitioner they are replicated over the whole global batch on every device (per-device
     memory then grows with the device count: +2 GiB per crop at 256 devices for L/8)."""
+
     def diff(p, t):
         return jnp.abs(jnp.abs(jnp.fft.fft2(p, axes=axes)) - jnp.abs(jnp.fft.fft2(t, axes=axes)))
 
@@ -107,6 +110,7 @@ def fourier_image(pred_img: jax.Array, target_img: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------------------------
+
 
 class MAE(nnx.Module):
     """Encoder + decoder. Standard decoder params: `decoder_embed`, `mask_token`, `decoder_blocks` (stacked),
@@ -130,17 +134,29 @@ class MAE(nnx.Module):
         mlp = int(dd * cfg.decoder_mlp_ratio)
 
         def ctor(r):
-            return layers.PreNormBlock(dd, cfg.decoder_heads, mlp, eps=cfg.decoder_eps, qkv_bias=True,
-                                       init_values=None, dtype=dt, attention_impl=enc.attention_impl, rngs=r)
+            return layers.PreNormBlock(
+                dd,
+                cfg.decoder_heads,
+                mlp,
+                eps=cfg.decoder_eps,
+                qkv_bias=True,
+                init_values=None,
+                dtype=dt,
+                attention_impl=enc.attention_impl,
+                rngs=r,
+            )
+
         p = enc.patch_size
         if self.ca:
             eps = cfg.decoder_eps
             self.modality_tokens = nnx.Param(
-                0.02 * jax.random.normal(rngs.params(), (cfg.decoder_channels, dd), jnp.float32))
+                0.02 * jax.random.normal(rngs.params(), (cfg.decoder_channels, dd), jnp.float32)
+            )
             self.query_norm = layers.LayerNorm(dd, eps)
             self.context_norm = layers.LayerNorm(dd, eps)
-            self.cross_attn = layers.CrossAttention(dd, cfg.cross_attn_heads, dtype=dt,
-                                                    attention_impl=enc.attention_impl, rngs=rngs)
+            self.cross_attn = layers.CrossAttention(
+                dd, cfg.cross_attn_heads, dtype=dt, attention_impl=enc.attention_impl, rngs=rngs
+            )
             self.out_norm = layers.LayerNorm(dd, eps)
             self.decoder_mlp = layers.Mlp(dd, mlp, dtype=dt, rngs=rngs)
             self.decoder_blocks = make_stack(ctor, cfg.decoder_channels * cfg.decoder_depth, rngs)
@@ -167,8 +183,9 @@ class MAE(nnx.Module):
             y, _ = run_stack(self.decoder_blocks, y, remat=cfg.encoder.remat)  # the encoder's remat policy
             return self.decoder_pred(self.decoder_norm(y))[:, 1:]
         if chans > cfg.decoder_channels:
-            raise ConfigError(f"images have {chans} channels; this channel-agnostic decoder has "
-                              f"{cfg.decoder_channels} channel stacks")
+            raise ConfigError(
+                f"images have {chans} channels; this channel-agnostic decoder has {cfg.decoder_channels} channel stacks"
+            )
         t = grid[0] * grid[1]
         mod = jnp.repeat(self.modality_tokens[...][:chans].astype(y.dtype), t, axis=0)
         patches = y[:, 1:] + mod[None]
@@ -177,7 +194,7 @@ class MAE(nnx.Module):
         graphdef, state = nnx.split(self.decoder_blocks)
         depth = cfg.decoder_depth
         state = jax.tree.map(lambda a: a.reshape((cfg.decoder_channels, depth) + a.shape[1:])[:chans], state)
-        queries = jnp.moveaxis(patches.reshape(b, chans, t, dd), 1, 0)      # (C, B, T, Dd)
+        queries = jnp.moveaxis(patches.reshape(b, chans, t, dd), 1, 0)  # (C, B, T, Dd)
 
         def one_channel(q, st):
             z = self.cross_attn(self.query_norm(q), ctx)
@@ -185,7 +202,7 @@ class MAE(nnx.Module):
             z, _ = run_stack(nnx.merge(graphdef, st), z, remat=cfg.encoder.remat)
             return z
 
-        z = jax.vmap(one_channel)(queries, state)                             # (C, B, T, Dd)
+        z = jax.vmap(one_channel)(queries, state)  # (C, B, T, Dd)
         return self.decoder_pred(jnp.moveaxis(z, 0, 1).reshape(b, chans * t, dd))
 
     def __call__(self, x: jax.Array, *, noise: jax.Array, drop_key: jax.Array | None = None) -> dict:
@@ -205,5 +222,12 @@ class MAE(nnx.Module):
             loss_ft = fourier_image(unpatch(pred, p, grid, c), x)
         a = cfg.fourier_weight
         loss = (1.0 - a) * loss_rec + a * loss_ft
-        return {"loss": loss, "loss_rec": loss_rec, "loss_fourier": loss_ft, "pred": pred, "target": target,
-                "mask": mask, "latent": latent}
+        return {
+            "loss": loss,
+            "loss_rec": loss_rec,
+            "loss_fourier": loss_ft,
+            "pred": pred,
+            "target": target,
+            "mask": mask,
+            "latent": latent,
+        }

@@ -12,6 +12,7 @@ exactly, every sum of zeros is 0 in any order, so its output is exactly 0. (Summ
 constant channel is the constant only up to the rounding of a float32 sum whose order XLA picks per instruction
 set, and that error over sqrt(1e-5) reached ~6e-5.)
 """
+
 from __future__ import annotations
 
 import jax
@@ -32,7 +33,7 @@ def self_standardize(x: jax.Array, eps: float = EPS) -> jax.Array:
         x = x.astype(jnp.float32) / 255.0
     else:
         x = x.astype(jnp.float32)
-    d = x - x[:, :1, :1, :]                   # exactly 0 for a constant channel (see the module docstring)
+    d = x - x[:, :1, :1, :]  # exactly 0 for a constant channel (see the module docstring)
     d = d - _mean_hw(d)
     return d / jnp.sqrt(_mean_hw(jnp.square(d)) + eps)
 

@@ -21,6 +21,7 @@ Options (`vit_config(variant, **overrides)`): `remat` ('none'|'full'|'dots_savea
 `layers.attention`), `drop_path_rate`, `block` ('parallel' | 'prenorm'), `channel_agnostic`, `max_in_chans`.
 Position tables are fixed sin-cos constants recomputed for the input grid, never parameters.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,16 +60,16 @@ class ViTConfig:
     in_chans: int = 6
     channel_agnostic: bool = False
     max_in_chans: int = 11
-    block: str = "parallel"            # 'parallel' (ViT-22B / timm ParallelScalingBlock) | 'prenorm' (timm Block)
-    qkv_bias: bool = True              # prenorm blocks only
-    qk_norm: bool = True               # prenorm blocks only (parallel blocks always have QK-norm)
-    init_values: float | None = 1e-4   # LayerScale init; None: no LayerScale (prenorm only)
+    block: str = "parallel"  # 'parallel' (ViT-22B / timm ParallelScalingBlock) | 'prenorm' (timm Block)
+    qkv_bias: bool = True  # prenorm blocks only
+    qk_norm: bool = True  # prenorm blocks only (parallel blocks always have QK-norm)
+    init_values: float | None = 1e-4  # LayerScale init; None: no LayerScale (prenorm only)
     norm_eps: float = 1e-6
-    global_pool: str = "token"         # timm build: 'token' (final `norm`) | 'avg' (final norm is `fc_norm`; the
-                                       # MAE latent is then NOT normed, as in OpenPhenom)
+    global_pool: str = "token"  # timm build: 'token' (final `norm`) | 'avg' (final norm is `fc_norm`; the
+    # MAE latent is then NOT normed, as in OpenPhenom)
     drop_path_rate: float = 0.0
-    remat: str = "none"                # 'none' | 'full' | 'dots_saveable'
-    dtype: str = "float32"             # compute dtype: 'float32' | 'bfloat16'
+    remat: str = "none"  # 'none' | 'full' | 'dots_saveable'
+    dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'
     attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
 
     @property
@@ -78,7 +79,7 @@ class ViTConfig:
     @property
     def num_patches(self) -> int:
         """Tokens per image without CLS (channel-agnostic: for `in_chans` channels)."""
-        return self.grid ** 2 * (self.in_chans if self.channel_agnostic else 1)
+        return self.grid**2 * (self.in_chans if self.channel_agnostic else 1)
 
 
 def vit_config(variant: str, **overrides) -> ViTConfig:
@@ -92,9 +93,18 @@ def vit_config(variant: str, **overrides) -> ViTConfig:
         width, depth, heads, mlp = VARIANTS[size]
         patch = int(patch)
     except (ValueError, KeyError):
-        raise ConfigError(f"model.variant: unknown ViT variant {variant!r}; expected [CA-]<{'|'.join(VARIANTS)}>/<patch>") from None
-    base = dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=patch, channel_agnostic=ca,
-                global_pool="avg" if ca else "token")
+        raise ConfigError(
+            f"model.variant: unknown ViT variant {variant!r}; expected [CA-]<{'|'.join(VARIANTS)}>/<patch>"
+        ) from None
+    base = dict(
+        width=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_dim=mlp,
+        patch_size=patch,
+        channel_agnostic=ca,
+        global_pool="avg" if ca else "token",
+    )
     if size == "mu":
         base["img_size"] = 4 * patch
     fields = {f.name for f in dataclasses.fields(ViTConfig)}
@@ -114,7 +124,9 @@ def _validate(cfg: ViTConfig, variant: str) -> None:
     if cfg.img_size % cfg.patch_size:
         raise ConfigError(f"model {variant}: img_size {cfg.img_size} not divisible by patch_size {cfg.patch_size}")
     if cfg.attention_impl not in layers.ATTENTION_IMPLS:
-        raise ConfigError(f"model.attention_impl: {cfg.attention_impl!r}; expected one of {list(layers.ATTENTION_IMPLS)}")
+        raise ConfigError(
+            f"model.attention_impl: {cfg.attention_impl!r}; expected one of {list(layers.ATTENTION_IMPLS)}"
+        )
     if cfg.block not in ("parallel", "prenorm"):
         raise ConfigError(f"model.block: {cfg.block!r}; expected 'parallel' or 'prenorm'")
     if cfg.global_pool not in ("token", "avg"):
@@ -129,10 +141,12 @@ def _validate(cfg: ViTConfig, variant: str) -> None:
 
 def make_stack(ctor, n: int, rngs: nnx.Rngs):
     """n independently initialised copies of `ctor(rngs)` stacked on a leading (layer) axis."""
+
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
     def create(r):
         return ctor(r)
+
     return create(rngs)
 
 
@@ -149,7 +163,7 @@ def run_stack(stack, x, *, num=None, start=0, rates=None, drop_key=None, remat="
     if not 1 <= num <= n - start:
         raise ConfigError(f"num_blocks {num}: expected 1..{n - start}")
     if num < n:
-        state = jax.tree.map(lambda a: a[start:start + num], state)
+        state = jax.tree.map(lambda a: a[start : start + num], state)
     rates = jnp.zeros((num,), jnp.float32) if rates is None else jnp.asarray(rates, jnp.float32)[:num]
     keys = None if drop_key is None else jax.random.split(drop_key, num)
 
@@ -167,18 +181,8 @@ def run_stack(stack, x, *, num=None, start=0, rates=None, drop_key=None, remat="
     return jax.lax.scan(body, x, (state, rates, keys))
 
 
-def random_masking(noise: jax.Array, mask_ratio: float):
-    """MAE masking from injected noise (B, L): keep the int(L*(1-ratio)) lowest-noise tokens.
-
-    Returns ids_keep (B, K), mask (B, L) float32 with 1 = removed, ids_restore (B, L).
-    """
-    b, n = noise.shape
-    keep = int(n * (1 - mask_ratio))
-    ids_shuffle = jnp.argsort(noise, axis=1)
-    ids_restore = jnp.argsort(ids_shuffle, axis=1)
-    ids_keep = ids_shuffle[:, :keep]
-    mask = jnp.take_along_axis((jnp.arange(n) >= keep).astype(jnp.float32)[None].repeat(b, 0), ids_restore, axis=1)
-    return ids_keep, mask, ids_restore
+# names of the pooled readouts `ViTEncoder.pool` returns for every block (the keys of `out["blocks"]`)
+POOLINGS = ("cls", "cls_norm", "mean", "mean_norm")
 
 
 class ViTEncoder(nnx.Module):
@@ -194,15 +198,34 @@ class ViTEncoder(nnx.Module):
             self.patch_embed = layers.PatchEmbed(cfg.patch_size, cfg.in_chans, d, dtype=dt, rngs=rngs)
         self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, d), jnp.float32))
         if cfg.block == "parallel":
+
             def ctor(r):
-                return layers.ParallelBlock(d, cfg.num_heads, cfg.mlp_dim, eps=cfg.norm_eps,
-                                            init_values=1e-4 if cfg.init_values is None else cfg.init_values,
-                                            dtype=dt, attention_impl=cfg.attention_impl, rngs=r)
+                return layers.ParallelBlock(
+                    d,
+                    cfg.num_heads,
+                    cfg.mlp_dim,
+                    eps=cfg.norm_eps,
+                    init_values=1e-4 if cfg.init_values is None else cfg.init_values,
+                    dtype=dt,
+                    attention_impl=cfg.attention_impl,
+                    rngs=r,
+                )
         else:
+
             def ctor(r):
-                return layers.PreNormBlock(d, cfg.num_heads, cfg.mlp_dim, eps=cfg.norm_eps, qkv_bias=cfg.qkv_bias,
-                                           qk_norm=cfg.qk_norm, init_values=cfg.init_values, dtype=dt,
-                                           attention_impl=cfg.attention_impl, rngs=r)
+                return layers.PreNormBlock(
+                    d,
+                    cfg.num_heads,
+                    cfg.mlp_dim,
+                    eps=cfg.norm_eps,
+                    qkv_bias=cfg.qkv_bias,
+                    qk_norm=cfg.qk_norm,
+                    init_values=cfg.init_values,
+                    dtype=dt,
+                    attention_impl=cfg.attention_impl,
+                    rngs=r,
+                )
+
         self.blocks = make_stack(ctor, cfg.depth, rngs)
         self.norm = layers.LayerNorm(d, cfg.norm_eps)
 
@@ -234,13 +257,18 @@ class ViTEncoder(nnx.Module):
         return np.linspace(0.0, self.cfg.drop_path_rate, self.cfg.depth, dtype=np.float32)
 
     def pool(self, t):
-        """Pooled readouts of tokens (B, 1+L, D): cls, cls_norm, mean, mean_norm, each (B, D) float32."""
+        """Pooled readouts of tokens (B, 1+L, D): the `POOLINGS` cls, cls_norm, mean, mean_norm, each (B, D)
+        float32."""
         t = t.astype(jnp.float32)
         cls = t[:, 0]
         mean = jnp.mean(t[:, 1:], axis=1)
         sc, bi, eps = self.norm.scale[...], self.norm.bias[...], self.norm.eps
-        return {"cls": cls, "cls_norm": layers.layer_norm(cls, sc, bi, eps),
-                "mean": mean, "mean_norm": layers.layer_norm(mean, sc, bi, eps)}
+        return {
+            "cls": cls,
+            "cls_norm": layers.layer_norm(cls, sc, bi, eps),
+            "mean": mean,
+            "mean_norm": layers.layer_norm(mean, sc, bi, eps),
+        }
 
     # -- public ------------------------------------------------------------------------------------------------
     def __call__(self, x: jax.Array, *, num_blocks: int | None = None, drop_key: jax.Array | None = None) -> dict:
@@ -250,8 +278,9 @@ class ViTEncoder(nnx.Module):
         'mean', 'mean_norm'} each (B, nb, D)}.
         """
         t = sharding.constrain_batch(self._with_cls(self.embed_patches(x)))
-        t, ys = run_stack(self.blocks, t, num=num_blocks, rates=self._rates(), drop_key=drop_key,
-                          remat=self.cfg.remat, pool=self.pool)
+        t, ys = run_stack(
+            self.blocks, t, num=num_blocks, rates=self._rates(), drop_key=drop_key, remat=self.cfg.remat, pool=self.pool
+        )
         return {"tokens": t, "blocks": jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), ys)}
 
     def encode_masked(self, x: jax.Array, noise: jax.Array, mask_ratio: float, drop_key: jax.Array | None = None):
@@ -263,7 +292,7 @@ class ViTEncoder(nnx.Module):
         t = self.embed_patches(x)
         if noise.shape != t.shape[:2]:
             raise ConfigError(f"masking noise shape {tuple(noise.shape)}: expected {tuple(t.shape[:2])}")
-        ids_keep, mask, ids_restore = random_masking(noise, mask_ratio)
+        ids_keep, mask, ids_restore = layers.random_masking(noise, mask_ratio)
         t = jnp.take_along_axis(t, ids_keep[..., None], axis=1)
         t = sharding.constrain_batch(self._with_cls(t))
         t, _ = run_stack(self.blocks, t, rates=self._rates(), drop_key=drop_key, remat=self.cfg.remat)

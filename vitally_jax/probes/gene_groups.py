@@ -1,7 +1,8 @@
 """Functional gene groups for the Anax-style probe task, built from the bundled CORUM complex table.
 
 The paper's "Anax" task labels 348 genes by 40 functional groups (an internal table). We rebuild the idea from
-public annotations (`vitally_jax/annotations/CORUM_clusters.tsv`, one complex per line: name, tab, genes):
+public annotations (`vitally_jax/annotations/CORUM_clusters.tsv`, one complex per line: name, tab, genes; read by
+`vitally_jax.benchmarks.annotations.load_clusters`, a repeated complex name keeping the union of its genes):
 
 1. Restrict every complex to the genes present in the screen (if a gene list is given).
 2. Keep complexes with `min_size`..`max_size` present genes (default 5-20).
@@ -12,49 +13,32 @@ public annotations (`vitally_jax/annotations/CORUM_clusters.tsv`, one complex pe
 
 The label of a gene is the name of its group; genes in no group are not used by the task.
 """
+
 from __future__ import annotations
 
-import importlib.resources
 import pathlib
-from typing import Iterable
+from collections.abc import Iterable
 
 from vitally_jax.errors import BenchmarkInputError, ConfigError
 
-DEFAULT_TABLE = "CORUM_clusters.tsv"
 
-
-def read_complexes(path: str | pathlib.Path | None = None) -> dict[str, list[str]]:
-    """Complex name -> gene symbols, from a two-column TSV (name, space-separated genes). Default: bundled CORUM."""
-    if path is None:
-        text = importlib.resources.files("vitally_jax.annotations").joinpath(DEFAULT_TABLE).read_text()
-        where = f"vitally_jax/annotations/{DEFAULT_TABLE}"
-    else:
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise BenchmarkInputError(f"{path}: complex table not found (expected TSV: name<TAB>space-separated genes)")
-        text = path.read_text()
-        where = str(path)
-    complexes: dict[str, list[str]] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        if len(parts) != 2:
-            raise BenchmarkInputError(f"{where}:{lineno}: expected 'name<TAB>genes', got {len(parts)} fields")
-        name, genes = parts[0].strip(), parts[1].split()
-        # the same complex name may occur twice; keep the union in first-seen order
-        merged = complexes.setdefault(name, [])
-        merged.extend(g for g in genes if g not in merged)
-    return complexes
-
-
-def functional_gene_groups(genes: Iterable[str] | None = None, *, min_size: int = 5, max_size: int = 20,
-                           max_groups: int = 40, table: str | pathlib.Path | None = None) -> dict[str, list[str]]:
+def functional_gene_groups(
+    genes: Iterable[str] | None = None,
+    *,
+    min_size: int = 5,
+    max_size: int = 20,
+    max_groups: int = 40,
+    table: str | pathlib.Path | None = None,
+) -> dict[str, list[str]]:
     """Disjoint functional groups (group name -> sorted genes), chosen as described in the module docstring."""
     if min_size < 2 or max_size < min_size or max_groups < 2:
-        raise ConfigError(f"gene groups: need 2 <= min_size <= max_size and max_groups >= 2, got "
-                          f"min_size={min_size} max_size={max_size} max_groups={max_groups}")
-    complexes = read_complexes(table)
+        raise ConfigError(
+            f"gene groups: need 2 <= min_size <= max_size and max_groups >= 2, got "
+            f"min_size={min_size} max_size={max_size} max_groups={max_groups}"
+        )
+    from vitally_jax.benchmarks.annotations import load_clusters
+
+    complexes = load_clusters("CORUM" if table is None else table, repeated="union")
     present = None if genes is None else set(genes)
     candidates = []
     for name, members in complexes.items():
@@ -80,6 +64,8 @@ def gene_labels(groups: dict[str, list[str]]) -> dict[str, str]:
     for name, members in groups.items():
         for g in members:
             if g in labels:
-                raise BenchmarkInputError(f"gene groups: {g} is in both {labels[g]!r} and {name!r}; groups must be disjoint")
+                raise BenchmarkInputError(
+                    f"gene groups: {g} is in both {labels[g]!r} and {name!r}; groups must be disjoint"
+                )
             labels[g] = name
     return labels

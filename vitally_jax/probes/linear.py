@@ -13,6 +13,7 @@ which is solved in the equivalent per-sample form `mean_i CE + ||W||^2 / (2 C n)
 with the training split's mean and standard deviation (a constant feature keeps scale 1, as in scikit-learn).
 Probe quality is measured by balanced accuracy (mean per-class recall over the classes present in the truth).
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,6 +29,8 @@ from vitally_jax.errors import DataError
 
 
 class LinearProbe(Protocol):
+    """A probe: fit on (train_x, train_y) per block, predict labels of test_x per block."""
+
     def fit_predict(self, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray) -> np.ndarray: ...
 
 
@@ -39,7 +42,9 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
     if y_true.shape != y_pred.shape or y_true.ndim != 1 or len(y_true) == 0:
-        raise DataError(f"balanced_accuracy: expected two equal-length 1-D label arrays, got {y_true.shape} and {y_pred.shape}")
+        raise DataError(
+            f"balanced_accuracy: expected two equal-length 1-D label arrays, got {y_true.shape} and {y_pred.shape}"
+        )
     classes, inverse = np.unique(y_true, return_inverse=True)
     hit = (y_true == y_pred).astype(np.float64)
     recall = np.bincount(inverse, weights=hit, minlength=len(classes)) / np.bincount(inverse, minlength=len(classes))
@@ -59,7 +64,9 @@ def _encode_labels(train_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_blocks(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray) -> None:
     if train_x.ndim != 3 or test_x.ndim != 3:
-        raise DataError(f"probe features: expected (blocks, samples, features) arrays, got {train_x.shape} and {test_x.shape}")
+        raise DataError(
+            f"probe features: expected (blocks, samples, features) arrays, got {train_x.shape} and {test_x.shape}"
+        )
     if train_x.shape[0] != test_x.shape[0] or train_x.shape[2] != test_x.shape[2]:
         raise DataError(f"probe features: train {train_x.shape} and test {test_x.shape} differ in blocks or features")
     if train_x.shape[1] != len(train_y):
@@ -69,6 +76,7 @@ def _check_blocks(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray) 
 # ----------------------------------------------------------------------------------------------------------------
 # JAX backend
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def standardize(train_x: jax.Array, test_x: jax.Array, weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Scale features by the training split's statistics. train_x (n, d), test_x (m, d), weight (n,) 0/1 rows."""
@@ -80,9 +88,17 @@ def standardize(train_x: jax.Array, test_x: jax.Array, weight: jax.Array | None 
     return (train_x - mean) / std, (test_x - mean) / std
 
 
-def fit_logistic(x: jax.Array, y: jax.Array, num_classes: int, *, weight: jax.Array | None = None,
-                 class_mask: jax.Array | None = None, C: float = 1.0, max_iter: int = 500,
-                 tol: float = 1e-4) -> tuple[jax.Array, jax.Array]:
+def fit_logistic(
+    x: jax.Array,
+    y: jax.Array,
+    num_classes: int,
+    *,
+    weight: jax.Array | None = None,
+    class_mask: jax.Array | None = None,
+    C: float = 1.0,
+    max_iter: int = 500,
+    tol: float = 1e-4,
+) -> tuple[jax.Array, jax.Array]:
     """Multinomial logistic regression by L-BFGS. x (n, d) float32, y (n,) int32 -> (W (d, K), b (K,)).
 
     weight (n,): 1 for real rows, 0 for padding; class_mask (K,): False for padded classes (never predicted).
@@ -129,10 +145,12 @@ def fit_logistic(x: jax.Array, y: jax.Array, num_classes: int, *, weight: jax.Ar
 @functools.partial(jax.jit, static_argnames=("num_classes", "max_iter"))
 def _fit_predict_blocks(train_x, train_y, train_w, class_mask, test_x, *, num_classes, C, max_iter, tol):
     """train_x (nb, n, d), train_y (n,), train_w (n,), class_mask (K,), test_x (nb, m, d) -> codes (nb, m)."""
+
     def one(tr, te):
         tr, te = standardize(tr, te, train_w)
-        w, b = fit_logistic(tr, train_y, num_classes, weight=train_w, class_mask=class_mask, C=C,
-                            max_iter=max_iter, tol=tol)
+        w, b = fit_logistic(
+            tr, train_y, num_classes, weight=train_w, class_mask=class_mask, C=C, max_iter=max_iter, tol=tol
+        )
         return jnp.argmax(jnp.where(class_mask, te @ w + b, -jnp.inf), axis=-1)
 
     return jax.vmap(one)(train_x, test_x)
@@ -172,16 +190,24 @@ class JaxLogisticProbe:
         n, m, k = train_x.shape[1], test_x.shape[1], len(classes)
         n_pad, m_pad, k_pad = _bucket(n, 256), _bucket(m, 256), _bucket(k, 64)
         weight = (np.arange(n_pad) < n).astype(np.float32)
-        pred = _fit_predict_blocks(jnp.asarray(_pad_rows(train_x, n_pad, 1)), jnp.asarray(_pad_rows(codes, n_pad, 0)),
-                                   jnp.asarray(weight), jnp.asarray(np.arange(k_pad) < k),
-                                   jnp.asarray(_pad_rows(test_x, m_pad, 1)), num_classes=k_pad, C=self.C,
-                                   max_iter=self.max_iter, tol=self.tol)
+        pred = _fit_predict_blocks(
+            jnp.asarray(_pad_rows(train_x, n_pad, 1)),
+            jnp.asarray(_pad_rows(codes, n_pad, 0)),
+            jnp.asarray(weight),
+            jnp.asarray(np.arange(k_pad) < k),
+            jnp.asarray(_pad_rows(test_x, m_pad, 1)),
+            num_classes=k_pad,
+            C=self.C,
+            max_iter=self.max_iter,
+            tol=self.tol,
+        )
         return classes[np.asarray(pred)[:, :m]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # scikit-learn backend
 # ----------------------------------------------------------------------------------------------------------------
+
 
 class SklearnLogisticProbe:
     """scikit-learn `StandardScaler` + `LogisticRegression(C, lbfgs)`, one block at a time."""
@@ -223,8 +249,14 @@ def make_probe(backend: str = "jax", **kwargs) -> LinearProbe:
     raise ConfigError(f"probe backend: expected 'jax' or 'sklearn', got {backend!r}")
 
 
-def probe_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
-                 probe: LinearProbe | None = None) -> np.ndarray:
+def probe_scores(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    *,
+    probe: LinearProbe | None = None,
+) -> np.ndarray:
     """Balanced accuracy per block of a probe fitted on train and scored on test. -> (nb,) float64."""
     probe = probe or JaxLogisticProbe()
     pred = probe.fit_predict(train_x, train_y, test_x)

@@ -6,27 +6,29 @@ Tasks (each returns one balanced accuracy per block):
   the probe is trained on some experiments and scored on held-out experiments (the last `test_fraction` of the
   sorted experiment names), so it must generalise across batches. Only perturbations seen in both splits count.
 - `gene_groups`: Anax-style functional groups. Wells of gene perturbations are averaged per gene; genes are labelled
-  by disjoint CORUM complexes (`vitally_jax.probes.gene_groups`); stratified k-fold cross-validation over genes, scored by
-  the balanced accuracy of the pooled out-of-fold predictions.
+  by disjoint CORUM complexes (`vitally_jax.probes.gene_groups`); stratified k-fold cross-validation over genes,
+  scored by the balanced accuracy of the pooled out-of-fold predictions.
 
 Sources: the model (one score per block) and baselines (a random-init encoder of the same architecture, per block;
 image-statistics features, a single "block" 0). b* = argmax over the model's blocks, per task and overall (mean of
 the tasks' scores; ties go to the shallower block).
 """
+
 from __future__ import annotations
 
 import json
 import pathlib
 import shutil
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from vitally_jax.embedding.blocks import DEFAULT_PROBE_POOLING
 from vitally_jax.errors import BenchmarkInputError, ConfigError, OutputError
 from vitally_jax.fileio import ARTEFACT_KEY, atomic_path, check_output, swap_in, write_marker, write_text
 from vitally_jax.probes.gene_groups import functional_gene_groups, gene_labels
-from vitally_jax.probes.linear import LinearProbe, JaxLogisticProbe, balanced_accuracy
+from vitally_jax.probes.linear import JaxLogisticProbe, LinearProbe, balanced_accuracy
 
 TASKS = ("perturbation", "gene_groups")
 MODEL = "model"
@@ -53,7 +55,9 @@ def perturbation_split(meta: pd.DataFrame, *, test_fraction: float = 0.25) -> tu
     keep = _non_control(meta)
     experiments = sorted(meta.loc[keep, "experiment"].astype(str).unique())
     if len(experiments) < 2:
-        raise BenchmarkInputError(f"perturbation task: need non-control wells in >= 2 experiments, found {len(experiments)}")
+        raise BenchmarkInputError(
+            f"perturbation task: need non-control wells in >= 2 experiments, found {len(experiments)}"
+        )
     n_test = min(len(experiments) - 1, max(1, int(round(test_fraction * len(experiments)))))
     test_exps = set(experiments[-n_test:])
     is_test = meta["experiment"].astype(str).isin(test_exps).to_numpy()
@@ -63,13 +67,16 @@ def perturbation_split(meta: pd.DataFrame, *, test_fraction: float = 0.25) -> tu
     train = np.flatnonzero(keep & ~is_test & in_shared)
     test = np.flatnonzero(keep & is_test & in_shared)
     if len(shared) < 2:
-        raise BenchmarkInputError("perturbation task: fewer than 2 perturbations occur in both the train and the "
-                                  f"held-out experiments ({sorted(test_exps)})")
+        raise BenchmarkInputError(
+            "perturbation task: fewer than 2 perturbations occur in both the train and the "
+            f"held-out experiments ({sorted(test_exps)})"
+        )
     return train, test
 
 
-def task_perturbation(features: np.ndarray, meta: pd.DataFrame, *, probe: LinearProbe,
-                      test_fraction: float = 0.25) -> np.ndarray:
+def task_perturbation(
+    features: np.ndarray, meta: pd.DataFrame, *, probe: LinearProbe, test_fraction: float = 0.25
+) -> np.ndarray:
     """features (nb, wells, D) -> balanced accuracy per block (nb,) on held-out experiments."""
     features = _check_features(features, meta, "perturbation task")
     train, test = perturbation_split(meta, test_fraction=test_fraction)
@@ -94,9 +101,18 @@ def gene_embeddings(features: np.ndarray, meta: pd.DataFrame) -> tuple[np.ndarra
     return (sums / counts[None, :, None]).astype(np.float32), names
 
 
-def task_gene_groups(features: np.ndarray, meta: pd.DataFrame, *, probe: LinearProbe,
-                     groups: Mapping[str, Sequence[str]] | None = None, min_size: int = 5, max_size: int = 20,
-                     max_groups: int = 40, n_splits: int = 5, seed: int = 0) -> np.ndarray:
+def task_gene_groups(
+    features: np.ndarray,
+    meta: pd.DataFrame,
+    *,
+    probe: LinearProbe,
+    groups: Mapping[str, Sequence[str]] | None = None,
+    min_size: int = 5,
+    max_size: int = 20,
+    max_groups: int = 40,
+    n_splits: int = 5,
+    seed: int = 0,
+) -> np.ndarray:
     """features (nb, wells, D) -> balanced accuracy per block (nb,) of gene-group labels, k-fold over genes."""
     from sklearn.model_selection import StratifiedKFold
 
@@ -109,8 +125,10 @@ def task_gene_groups(features: np.ndarray, meta: pd.DataFrame, *, probe: LinearP
     y = np.array([labels[g] for g in np.asarray(genes)[keep]])
     counts = pd.Series(y).value_counts()
     if len(counts) < 2 or counts.min() < 2:
-        raise BenchmarkInputError(f"gene groups task: need >= 2 groups of >= 2 screened genes, found {len(counts)} groups "
-                                  f"(sizes {sorted(counts.tolist())}); lower --group-min-size or screen more genes")
+        raise BenchmarkInputError(
+            f"gene groups task: need >= 2 groups of >= 2 screened genes, found {len(counts)} groups "
+            f"(sizes {sorted(counts.tolist())}); lower --group-min-size or screen more genes"
+        )
     x = gene_x[:, keep]
     folds = StratifiedKFold(n_splits=int(min(n_splits, counts.min())), shuffle=True, random_state=seed)
     pred = np.empty((x.shape[0], len(y)), dtype=y.dtype)
@@ -119,9 +137,14 @@ def task_gene_groups(features: np.ndarray, meta: pd.DataFrame, *, probe: LinearP
     return np.array([balanced_accuracy(y, p) for p in pred])
 
 
-def run_sweep(sources: Mapping[str, tuple[np.ndarray, Sequence[int]]], meta: pd.DataFrame, *,
-              tasks: Sequence[str] = TASKS, probe: LinearProbe | None = None, task_options: Mapping | None = None,
-              ) -> pd.DataFrame:
+def run_sweep(
+    sources: Mapping[str, tuple[np.ndarray, Sequence[int]]],
+    meta: pd.DataFrame,
+    *,
+    tasks: Sequence[str] = TASKS,
+    probe: LinearProbe | None = None,
+    task_options: Mapping | None = None,
+) -> pd.DataFrame:
     """Score every source's blocks on every task.
 
     sources: name -> (features (nb, wells, D), block numbers (nb,)); meta: one row per well.
@@ -137,7 +160,9 @@ def run_sweep(sources: Mapping[str, tuple[np.ndarray, Sequence[int]]], meta: pd.
         opts = options.get(task, {})
         for name, (features, blocks) in sources.items():
             if len(blocks) != np.asarray(features).shape[0]:
-                raise BenchmarkInputError(f"source {name!r}: {len(blocks)} block numbers for {np.asarray(features).shape[0]} blocks")
+                raise BenchmarkInputError(
+                    f"source {name!r}: {len(blocks)} block numbers for {np.asarray(features).shape[0]} blocks"
+                )
             if task == "perturbation":
                 scores = task_perturbation(features, meta, probe=probe, **opts)
             else:
@@ -178,8 +203,15 @@ def plot_sweep(table: pd.DataFrame, b_star: Mapping[str, int], path: str | pathl
         if task in b_star:
             best = sub[(sub["source"] == MODEL) & (sub["block"] == b_star[task])]["score"]
             if len(best):
-                ax.scatter([b_star[task]], [best.iloc[0]], s=120, marker="*", color="crimson", zorder=5,
-                           label=f"b* = {b_star[task]}")
+                ax.scatter(
+                    [b_star[task]],
+                    [best.iloc[0]],
+                    s=120,
+                    marker="*",
+                    color="crimson",
+                    zorder=5,
+                    label=f"b* = {b_star[task]}",
+                )
         ax.set_title(task)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("block")
@@ -205,8 +237,13 @@ def write_sweep(table: pd.DataFrame, out_dir: str | pathlib.Path, *, extra: Mapp
     with atomic_path(out_dir / "sweep.csv") as tmp:
         table.to_csv(tmp, index=False)
     plot_sweep(table, b_star, out_dir / "sweep.png")
-    payload = {ARTEFACT_KEY: KIND, "complete": True, "b_star": b_star, "rows": table.to_dict(orient="records"),
-               **dict(extra or {})}
+    payload = {
+        ARTEFACT_KEY: KIND,
+        "complete": True,
+        "b_star": b_star,
+        "rows": table.to_dict(orient="records"),
+        **dict(extra or {}),
+    }
     write_text(out_dir / "sweep.json", json.dumps(payload, indent=1, default=float) + "\n")
     return b_star
 
@@ -215,20 +252,26 @@ def write_sweep(table: pd.DataFrame, out_dir: str | pathlib.Path, *, extra: Mapp
 # The whole block search on a screen
 # ----------------------------------------------------------------------------------------------------------------
 
-def screen_image_statistics(image_store, *, chunk_images: int = 256) -> np.ndarray:
-    """Image-statistics baseline of every image of a store: (1, images, F) float32 (one pseudo-block)."""
-    from vitally_jax.embedding.image_stats import image_statistics
 
-    n = len(image_store)
-    parts = [image_statistics(image_store.read_many(s, min(n, s + chunk_images))) for s in range(0, n, chunk_images)]
-    return np.concatenate(parts)[None].astype(np.float32)
-
-
-def sweep_screen(encoder, image_store, out_dir: str | pathlib.Path, *, pooling: str = "mean",
-                 baselines: Sequence[str] = ("random_init", "image_stats"), tasks: Sequence[str] = TASKS,
-                 probe: LinearProbe | None = None, task_options: Mapping | None = None, crop: int = 256,
-                 batch_size: int = 64, chunk_images: int = 64, blocks: Sequence[int] | None = None, mesh=None,
-                 seed: int = 0, progress: bool = True, overwrite: bool = False) -> tuple[pd.DataFrame, dict[str, int]]:
+def sweep_screen(
+    encoder,
+    image_store,
+    out_dir: str | pathlib.Path,
+    *,
+    pooling: str = DEFAULT_PROBE_POOLING,
+    baselines: Sequence[str] = ("random_init", "image_stats"),
+    tasks: Sequence[str] = TASKS,
+    probe: LinearProbe | None = None,
+    task_options: Mapping | None = None,
+    crop: int = 256,
+    batch_size: int = 64,
+    chunk_images: int = 64,
+    blocks: Sequence[int] | None = None,
+    mesh=None,
+    seed: int = 0,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> tuple[pd.DataFrame, dict[str, int]]:
     """Embed a screen (resumably, into out_dir/embeddings/<source>), probe every block, write the sweep table/plot.
 
     Sources: 'model' (the encoder), optional baselines 'random_init' (same architecture, random weights from
@@ -255,25 +298,46 @@ def sweep_screen(encoder, image_store, out_dir: str | pathlib.Path, *, pooling: 
     well_meta = None
     for name, enc in encoders.items():
         path = out_dir / "embeddings" / name
-        embed_screen(enc, image_store, path, blocks=blocks, pooling=(pooling,), crop=crop, batch_size=batch_size,
-                     chunk_images=chunk_images, mesh=mesh, progress=progress)
+        embed_screen(
+            enc,
+            image_store,
+            path,
+            blocks=blocks,
+            pooling=(pooling,),
+            crop=crop,
+            batch_size=batch_size,
+            chunk_images=chunk_images,
+            mesh=mesh,
+            progress=progress,
+        )
         store = EmbeddingStore.open(path)
         feats, well_meta = well_features(store.features(pooling), store.metadata)
         sources[name] = (feats, store.blocks)
     if "image_stats" in baselines:
-        feats, well_meta = well_features(screen_image_statistics(image_store), image_store.metadata)
+        from vitally_jax.embedding.image_stats import store_image_statistics
+
+        stats = store_image_statistics(image_store)[None]  # (1, images, F): one pseudo-block
+        feats, well_meta = well_features(stats, image_store.metadata)
         sources["image_stats"] = (feats, [0])
     options = {k: dict(v) for k, v in (task_options or {}).items()}
-    extra = {"pooling": pooling, "crop": crop, "probe": type(probe or JaxLogisticProbe()).__name__,
-             "image_store": str(image_store.path), "wells": int(len(well_meta)),
-             "encoder_depth": int(encoder.cfg.depth)}
+    extra = {
+        "pooling": pooling,
+        "crop": crop,
+        "probe": type(probe or JaxLogisticProbe()).__name__,
+        "image_store": str(image_store.path),
+        "wells": int(len(well_meta)),
+        "encoder_depth": int(encoder.cfg.depth),
+    }
     if "gene_groups" in tasks:  # fix the groups once, and record them with the table
         opts = options.setdefault("gene_groups", {})
         if "groups" not in opts:
             genes = well_meta.loc[well_meta["perturbation_type"].astype(str) == "gene", "perturbation"].astype(str)
-            opts["groups"] = functional_gene_groups(sorted(set(genes)), min_size=opts.pop("min_size", 5),
-                                                    max_size=opts.pop("max_size", 20),
-                                                    max_groups=opts.pop("max_groups", 40))
+            opts["groups"] = functional_gene_groups(
+                sorted(set(genes)),
+                min_size=opts.pop("min_size", 5),
+                max_size=opts.pop("max_size", 20),
+                max_groups=opts.pop("max_groups", 40),
+            )
         extra["gene_groups"] = {k: list(v) for k, v in opts["groups"].items()}
     table = run_sweep(sources, well_meta, tasks=tasks, probe=probe, task_options=options)
     b_star = write_sweep(table, out_dir, extra=extra)

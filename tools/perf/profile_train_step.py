@@ -1,23 +1,24 @@
 """Where the MAE train step spends its time on this CPU, ours and the PyTorch reference's, by ablation.
 
-    python tools/profile_train_step.py                     # S/16, 128 px, batch 8 (the bench_all.py size)
-    python tools/profile_train_step.py --variant=B/16 --crop=256 --batch=32
+    python tools/perf/profile_train_step.py                     # S/16, 128 px, batch 8 (the bench_all.py size)
+    python tools/perf/profile_train_step.py --variant=B/16 --crop=256 --batch=32
 
 Each side is timed as the full step and with the MAE decoder cut from 8 blocks to 1, so the difference is the
 cost of 7 decoder blocks (pre-norm, width 512, 16 heads, all tokens); ours is also timed without the Fourier loss
 (its FFTs) and with attention as one `jax.nn.dot_product_attention` op instead of the CPU default's head groups.
 Medians of `--steps` steps after two warm-up steps; the PyTorch side runs eagerly in the torch venv
-(`VITALLY_TORCH_PYTHON`, see `tools/bench_train.py`) with `--threads` threads (default 2), after ours.
+(`VITALLY_TORCH_PYTHON`, see `tools/perf/_shared.py`) with `--threads` threads (default 2), after ours.
 
 One core for both sides (XLA's matmuls single-threaded, PyTorch with 1 thread):
 
-    taskset -c 0 env XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python tools/profile_train_step.py --threads=1
+    taskset -c 0 env XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python tools/perf/profile_train_step.py --threads=1
 
 A second table times the decoder block's non-matmul kernels at the step's own shapes (GELU over the MLP hidden
 activations, forward and forward+backward; LayerNorm over the block width; softmax over attention rows) and a
 2048^3 float32 matmul, ours (XLA:CPU) against PyTorch at 1 and 2 threads: it shows which kernels use both cores.
 Prints both tables; writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,38 +26,41 @@ import json
 import pathlib
 import statistics
 import sys
-import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import bench_train  # noqa: E402
+import _shared
 
 
-def _median_s(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall seconds of `repeats` calls of fn() after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _star(f):
+    """f(*x) as a one-argument function (the kernel table calls every kernel with one input)."""
+    return lambda x: f(*x)
 
 
 def _ours(variant: str, batch: int, crop: int, steps: int, **kw) -> float:
-    run, state, _, _ = bench_train.build_jax_step(variant, batch, crop, **kw)
+    run, state, _, _ = _shared.build_jax_step(variant, batch, crop, **kw)
     box = [state]
 
     def step():
         box[0], _ = run(box[0])
-    return _median_s(step, steps, warmup=2)
+
+    return _shared.median_s(step, steps, warmup=2)
 
 
 def _torch(variant: str, batch: int, crop: int, steps: int, dec_depth: int, threads: int = 2) -> float | None:
-    if bench_train.torch_available() is not None:
+    if _shared.torch_available() is not None:
         return None
-    w = bench_train.TorchWorker({"variant": variant, "img": crop, "batch": batch, "chans": 6, "mask_ratio": 0.75,
-                                 "dec_width": 512, "dec_depth": dec_depth, "dec_heads": 16, "threads": threads})
+    w = _shared.TorchWorker(
+        {
+            "variant": variant,
+            "img": crop,
+            "batch": batch,
+            "chans": 6,
+            "mask_ratio": 0.75,
+            "dec_width": 512,
+            "dec_depth": dec_depth,
+            "dec_heads": 16,
+            "threads": threads,
+        }
+    )
     try:
         out = w.run("eager", steps)
     finally:
@@ -70,8 +74,14 @@ def kernel_spec(variant: str, batch: int, crop: int, repeats: int) -> dict:
 
     cfg = mae_config(variant, img_size=crop)
     tokens = (crop // cfg.encoder.patch_size) ** 2 + 1
-    return {"rows": batch * tokens, "width": cfg.decoder_width, "hidden": 4 * cfg.decoder_width, "tokens": tokens,
-            "heads": cfg.decoder_heads, "repeats": repeats}
+    return {
+        "rows": batch * tokens,
+        "width": cfg.decoder_width,
+        "hidden": 4 * cfg.decoder_width,
+        "tokens": tokens,
+        "heads": cfg.decoder_heads,
+        "repeats": repeats,
+    }
 
 
 def jax_kernel_cases(spec: dict) -> dict:
@@ -84,8 +94,7 @@ def jax_kernel_cases(spec: dict) -> dict:
     k = jax.random.split(jax.random.key(0), 7)
     hid = jax.random.normal(k[0], (spec["rows"], spec["hidden"]))
     act = jax.random.normal(k[1], (spec["rows"], spec["width"]))
-    scores = jax.random.normal(k[2], (spec["rows"] // spec["tokens"] * spec["heads"] * spec["tokens"],
-                                      spec["tokens"]))
+    scores = jax.random.normal(k[2], (spec["rows"] // spec["tokens"] * spec["heads"] * spec["tokens"], spec["tokens"]))
     a = jax.random.normal(k[3], (2048, 2048))
     ones, zeros = jnp.ones(spec["width"]), jnp.zeros(spec["width"])
     b, t, n = spec["rows"] // spec["tokens"], spec["tokens"], spec["heads"]
@@ -95,49 +104,49 @@ def jax_kernel_cases(spec: dict) -> dict:
     def attn_fwd_bwd(impl):
         return jax.jit(jax.grad(lambda *x: jnp.sum(attention(*x, impl)), argnums=(0, 1, 2)))
 
-    fns = {"gelu": (jax.jit(lambda x: jax.nn.gelu(x, approximate=False)), hid),
-           "gelu_fwd_bwd": (jax.jit(jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=False)))), hid),
-           "layer_norm": (jax.jit(lambda x: layer_norm(x, ones, zeros, 1e-6)), act),
-           "softmax": (jax.jit(lambda x: jax.nn.softmax(x, axis=-1)), scores),
-           "attention_fwd_bwd": (lambda x, f=attn_fwd_bwd(None): f(*x), qkv),  # CPU default: head groups
-           "attention_unfused_fwd_bwd": (lambda x, f=attn_fwd_bwd("xla"): f(*x), qkv),  # one XLA op
-           "batched_qk": (jax.jit(lambda x: jnp.einsum("bqh,bkh->bqk", x, x)), qb),
-           # the MLP's three GEMMs (forward, input grad, weight grad): X @ W1, G @ W1^T, X^T @ G
-           "mlp_gemms": (jax.jit(lambda xs: (xs[0] @ xs[1], xs[2] @ xs[1].T, xs[0].T @ xs[2])),
-                         (act, jax.random.normal(k[6], (spec["width"], spec["hidden"])), hid)),
-           "matmul_2048": (jax.jit(lambda x: x @ x), a)}
+    fns = {
+        "gelu": (jax.jit(lambda x: jax.nn.gelu(x, approximate=False)), hid),
+        "gelu_fwd_bwd": (jax.jit(jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=False)))), hid),
+        "layer_norm": (jax.jit(lambda x: layer_norm(x, ones, zeros, 1e-6)), act),
+        "softmax": (jax.jit(lambda x: jax.nn.softmax(x, axis=-1)), scores),
+        "attention_fwd_bwd": (_star(attn_fwd_bwd(None)), qkv),  # CPU default: head groups
+        "attention_unfused_fwd_bwd": (_star(attn_fwd_bwd("xla")), qkv),  # one XLA op
+        "batched_qk": (jax.jit(lambda x: jnp.einsum("bqh,bkh->bqk", x, x)), qb),
+        # the MLP's three GEMMs (forward, input grad, weight grad): X @ W1, G @ W1^T, X^T @ G
+        "mlp_gemms": (
+            jax.jit(lambda xs: (xs[0] @ xs[1], xs[2] @ xs[1].T, xs[0].T @ xs[2])),
+            (act, jax.random.normal(k[6], (spec["width"], spec["hidden"])), hid),
+        ),
+        "matmul_2048": (jax.jit(lambda x: x @ x), a),
+    }
     return {name: (lambda f=f, x=x: jax.block_until_ready(f(x))) for name, (f, x) in fns.items()}
 
 
 def kernels(spec: dict) -> dict:
     """{"ours": {kernel: ms}, "torch_1": {...} | None, "torch_2": {...} | None}, medians of spec["repeats"]."""
-    import subprocess
-
     out = {"ours": {}, "torch_1": None, "torch_2": None}
     for name, fn in jax_kernel_cases(spec).items():
-        out["ours"][name] = _median_s(fn, spec["repeats"]) * 1e3
-    reason = bench_train.torch_available()
-    if reason is None:
-        r = subprocess.run([bench_train.TORCH_PY, str(bench_train.ROOT / "tools" / "torch_reference.py"),
-                            "--kernels", json.dumps(spec)], capture_output=True, text=True, timeout=600,
-                           cwd=bench_train.ROOT)
-        if r.returncode == 0:
-            t = json.loads(r.stdout.strip().splitlines()[-1])
-            out["torch_1"], out["torch_2"] = t["1"], t["2"]
-        else:
-            reason = (r.stderr.strip().splitlines() or ["failed"])[-1]
+        out["ours"][name] = _shared.median_s(fn, spec["repeats"]) * 1e3
+    t, reason = _shared.torch_kernels(spec)
+    if t is not None:
+        out["torch_1"], out["torch_2"] = t["1"], t["2"]
     if reason is not None:
         print(f"PyTorch kernels not measured: {reason}", file=sys.stderr)
     return out
 
 
 def print_kernels(spec: dict, k: dict) -> None:
-    print(f"decoder kernels at rows {spec['rows']}, width {spec['width']}, hidden {spec['hidden']}, "
-          f"{spec['heads']} heads x {spec['tokens']} tokens (median ms of {spec['repeats']})")
-    print("attention: ours = head groups (the CPU default) / one XLA op (unfused); PyTorch = SDPA (fused) / "
-          "matmul-softmax-matmul (unfused)")
-    print(f"{'kernel':<26} {'ours':>9} {'torch 1 thr':>12} {'torch 2 thr':>12} {'torch 1/2 thr':>14} "
-          f"{'ours/torch 2':>13}")
+    print(
+        f"decoder kernels at rows {spec['rows']}, width {spec['width']}, hidden {spec['hidden']}, "
+        f"{spec['heads']} heads x {spec['tokens']} tokens (median ms of {spec['repeats']})"
+    )
+    print(
+        "attention: ours = head groups (the CPU default) / one XLA op (unfused); PyTorch = SDPA (fused) / "
+        "matmul-softmax-matmul (unfused)"
+    )
+    print(
+        f"{'kernel':<26} {'ours':>9} {'torch 1 thr':>12} {'torch 2 thr':>12} {'torch 1/2 thr':>14} {'ours/torch 2':>13}"
+    )
     for name, ms in k["ours"].items():
         t1 = k["torch_1"][name] if k["torch_1"] else float("nan")
         t2 = k["torch_2"][name] if k["torch_2"] else float("nan")
@@ -157,8 +166,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import os
 
-    print(f"{args.variant}, {args.crop} px, batch {args.batch}; PyTorch {args.threads} thread(s), "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, {len(os.sched_getaffinity(0))} core(s) allowed")
+    from vitally_jax.cli import setup_compilation_cache
+
+    setup_compilation_cache()
+    print(
+        f"{args.variant}, {args.crop} px, batch {args.batch}; PyTorch {args.threads} thread(s), "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, {len(os.sched_getaffinity(0))} core(s) allowed"
+    )
     result = {"config": vars(args)}
     if not args.kernels_only:
         result["seconds"] = step_ablation(args)
@@ -197,15 +211,18 @@ def step_ablation(args) -> dict:
 
     print(f"train step, median of {args.steps} steps (seconds)")
     print(f"{'':<18} {'full':>8} {'dec 1':>8} {'7 dec blk':>10} {'per block':>10}")
-    row("ours (JAX)", r["ours_full"], r["ours_decoder_1"],
-        f"FFTs {r['ours_full'] - r['ours_no_fourier']:.3f} s")
+    row("ours (JAX)", r["ours_full"], r["ours_decoder_1"], f"FFTs {r['ours_full'] - r['ours_no_fourier']:.3f} s")
     row("PyTorch eager", r["torch_full"], r["torch_decoder_1"])
-    print(f"ours with attention as one XLA op (attention_impl='xla') instead of head groups: full step "
-          f"{r['ours_xla_attention']:.3f} s ({r['ours_xla_attention'] / r['ours_full']:.2f}x the default's time)")
+    print(
+        f"ours with attention as one XLA op (attention_impl='xla') instead of head groups: full step "
+        f"{r['ours_xla_attention']:.3f} s ({r['ours_xla_attention'] / r['ours_full']:.2f}x the default's time)"
+    )
     if r["torch_full"] is not None:
-        print(f"ours / PyTorch: full step {r['torch_full'] / r['ours_full']:.2f}x, decoder blocks "
-              f"{(r['torch_full'] - r['torch_decoder_1']) / (r['ours_full'] - r['ours_decoder_1']):.2f}x, "
-              f"everything else {r['torch_decoder_1'] / r['ours_decoder_1']:.2f}x (> 1: ours faster)")
+        print(
+            f"ours / PyTorch: full step {r['torch_full'] / r['ours_full']:.2f}x, decoder blocks "
+            f"{(r['torch_full'] - r['torch_decoder_1']) / (r['ours_full'] - r['ours_decoder_1']):.2f}x, "
+            f"everything else {r['torch_decoder_1'] / r['ours_decoder_1']:.2f}x (> 1: ours faster)"
+        )
     return r
 
 

@@ -17,7 +17,7 @@ float16-representable number (stored as float16 to keep the files small; exact i
   checkpoint (`encoder.vit_backbone.*` incl. `fc_norm` and an 11-channel `pos_embed`, `decoder.*` with 6
   per-channel decoder stacks, 8-head cross-attention and LayerNorm eps 1e-5, `encoder_decoder_proj.*`,
   `decoder_pred.*`). The model is built and run by the torch restatement of the OpenPhenom MAE in
-  `tools/make_goldens.py` (imported, not duplicated; its encoder is timm 0.9.7's VisionTransformer with
+  `tools/goldens/make_goldens.py` (imported, not duplicated; its encoder is timm 0.9.7's VisionTransformer with
   ParallelScalingBlock, legacy mlp_bias semantics) at the OpenPhenom geometry scaled down (24 px, patch 8,
   width 32, depth 2). Saved: uint8 pixels, noise, per-block readouts (CLS, CLS+fc_norm, mean, mean+fc_norm) for
   the 6-channel image and for its first 3 channels (channel-agnostic inference on fewer channels), the
@@ -30,12 +30,13 @@ Environment (outside the repo; never the system python), and the two runs:
     /work/interop-venv/bin/pip install --no-deps timm==1.0.31
     /work/interop-venv/bin/pip install pyyaml huggingface_hub
     /work/interop-venv/bin/pip install --no-deps --target /work/interop-timm097 timm==0.9.7
-    /work/interop-venv/bin/python tools/make_goldens_interop.py --part dinov2         # timm >= 1.0 (DINOv2)
-    PYTHONPATH=/work/interop-timm097 /work/interop-venv/bin/python tools/make_goldens_interop.py --part openphenom
+    /work/interop-venv/bin/python tools/goldens/make_goldens_interop.py --part dinov2         # timm >= 1.0 (DINOv2)
+    PYTHONPATH=/work/interop-timm097 /work/interop-venv/bin/python tools/goldens/make_goldens_interop.py \
+        --part openphenom
 
 Export check (our ViT -> timm), not a golden: write `DIR/vit.safetensors` with
 `vitally_jax.interop.export_timm_vit` and `DIR/expected.npz` (x, tokens, cls_norm from our encoder), then
-    PYTHONPATH=/work/interop-timm097 /work/interop-venv/bin/python tools/make_goldens_interop.py \
+    PYTHONPATH=/work/interop-timm097 /work/interop-venv/bin/python tools/goldens/make_goldens_interop.py \
         --part export-check --dir DIR
 
 The OpenPhenom part needs timm <= 1.0.24 (the legacy mlp_bias semantics Recursion trained with); the DINOv2
@@ -46,10 +47,11 @@ Why this torch: every timm 1.0.x imports torchvision when `timm` is imported (`t
 (`libtorch_cuda.so`); next to the `+cpu` torch wheel their operators cannot load and `import torchvision` fails
 with "operator torchvision::nms does not exist". The matching PyPI pair (torch 2.14.1 and torchvision 0.29.1,
 CUDA builds) runs on a CPU-only machine, so the DINOv2 goldens use it: nothing is patched or stubbed. The
-OpenPhenom run imports `tools/make_goldens.py`, which puts its own import-time torchvision placeholder in front
-(explained there); nothing from torchvision is called by either. Numerics on CPU in float32 do not depend on the
+OpenPhenom run imports `tools/goldens/make_goldens.py`, which puts its own import-time torchvision placeholder in
+front (explained there); nothing from torchvision is called by either. Numerics on CPU in float32 do not depend on the
 torch version at the tolerances tested (1e-5).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +64,6 @@ import torch
 import torch.nn as nn
 
 if "--part=openphenom" in sys.argv or "openphenom" in sys.argv:
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     import make_goldens as models_goldens  # the torch restatement of the OpenPhenom MAE (installs its own
     # torchvision placeholder before importing timm)
 try:
@@ -74,7 +75,8 @@ except ImportError as e:  # pragma: no cover - environment problem, explained in
 def timm_version() -> tuple[int, ...]:
     return tuple(int(v) for v in timm.__version__.split(".")[:3])
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 SEED = 20250711
 
 
@@ -120,6 +122,7 @@ def to_np(t: torch.Tensor) -> np.ndarray:
 # DINOv2 (timm)
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def dinov2_outputs(model, x_nhwc: torch.Tensor) -> dict:
     """Per-block tokens (nb, B, T, D) and forward_features (B, T, D) for one NHWC batch."""
     x = x_nhwc.permute(0, 3, 1, 2).contiguous()
@@ -139,10 +142,12 @@ def dinov2_outputs(model, x_nhwc: torch.Tensor) -> dict:
 DINOV2_INPUTS = {"native": (2, 42, 42), "up": (1, 56, 70), "down": (1, 28, 42)}  # (B, H, W); grid 3x3, 4x5, 2x3
 
 
-def make_dinov2(name: str, arch: str, width: int, inputs: dict, gen: torch.Generator, out: pathlib.Path, *,
-                resample: bool) -> None:
-    model = timm.create_model(arch, pretrained=False, img_size=42, embed_dim=width, depth=2, num_heads=2,
-                              num_classes=0, dynamic_img_size=True)
+def make_dinov2(
+    name: str, arch: str, width: int, inputs: dict, gen: torch.Generator, out: pathlib.Path, *, resample: bool
+) -> None:
+    model = timm.create_model(
+        arch, pretrained=False, img_size=42, embed_dim=width, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True
+    )
     model.eval()
     perturb_(model, gen)
     arrays = state_arrays(model)
@@ -157,19 +162,33 @@ def make_dinov2(name: str, arch: str, width: int, inputs: dict, gen: torch.Gener
         pos = model.pos_embed.detach()
         for size in [(5, 4), (2, 3), (7, 7)]:
             for aa in (True, False):
-                r = resample_abs_pos_embed(pos, new_size=list(size), old_size=[3, 3], num_prefix_tokens=1,
-                                           antialias=aa)
+                r = resample_abs_pos_embed(pos, new_size=list(size), old_size=[3, 3], num_prefix_tokens=1, antialias=aa)
                 arrays[f"resample/{size[0]}x{size[1]}/{'aa' if aa else 'plain'}"] = to_np(r)
     np.savez_compressed(out / f"interop_dinov2_{name}.npz", **arrays)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# OpenPhenom (timm 0.9.7 + the restatement in tools/make_goldens.py)
+# OpenPhenom (timm 0.9.7 + the restatement in tools/goldens/make_goldens.py)
 # ----------------------------------------------------------------------------------------------------------------
 
-OPENPHENOM_GEOM = dict(img=24, patch=8, chans=6, width=32, depth=2, heads=2, mlp_ratio=4, dec_width=16, dec_depth=1,
-                       dec_heads=2, ca_max_chans=11, ca_dec_depth=1, ca_cross_heads=8, batch=2, mask_ratio=0.75,
-                       fourier_weight=0.01)
+OPENPHENOM_GEOM = dict(
+    img=24,
+    patch=8,
+    chans=6,
+    width=32,
+    depth=2,
+    heads=2,
+    mlp_ratio=4,
+    dec_width=16,
+    dec_depth=1,
+    dec_heads=2,
+    ca_max_chans=11,
+    ca_dec_depth=1,
+    ca_cross_heads=8,
+    batch=2,
+    mask_ratio=0.75,
+    fourier_weight=0.01,
+)
 
 
 def readouts(vit, x: torch.Tensor) -> dict:
@@ -183,8 +202,13 @@ def readouts(vit, x: torch.Tensor) -> dict:
             cls.append(t[:, 0])
             mean.append(t[:, 1:].mean(1))
         cls, mean = torch.stack(cls, 1), torch.stack(mean, 1)
-        return {"cls": to_np(cls), "cls_norm": to_np(vit.fc_norm(cls)), "mean": to_np(mean),
-                "mean_norm": to_np(vit.fc_norm(mean)), "tokens": to_np(t)}
+        return {
+            "cls": to_np(cls),
+            "cls_norm": to_np(vit.fc_norm(cls)),
+            "mean": to_np(mean),
+            "mean_norm": to_np(vit.fc_norm(mean)),
+            "tokens": to_np(t),
+        }
 
 
 def make_openphenom(out: pathlib.Path) -> None:
@@ -206,9 +230,11 @@ def make_openphenom(out: pathlib.Path) -> None:
     with torch.no_grad():
         res = mg.run(mae, x, noise, True, geom)
     fixed = ("encoder.vit_backbone.pos_embed", "decoder.pos_embeddings", "decoder.placeholder")
-    arrays = {f"sd/{k}": v.detach().numpy().astype(np.float32 if k in fixed else np.float16)
-              for k, v in mae.state_dict().items()}
-    arrays["pixels"] = pixels.permute(0, 2, 3, 1).numpy()                  # NHWC uint8
+    arrays = {
+        f"sd/{k}": v.detach().numpy().astype(np.float32 if k in fixed else np.float16)
+        for k, v in mae.state_dict().items()
+    }
+    arrays["pixels"] = pixels.permute(0, 2, 3, 1).numpy()  # NHWC uint8
     arrays["noise"] = noise.numpy()
     for k in ("latent", "mask", "ids_restore", "pred", "loss_rec", "loss_fourier_reference", "loss_reference"):
         arrays[f"masked/{k}"] = res[k].detach().numpy()
@@ -224,6 +250,7 @@ def make_openphenom(out: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Export check: a file written by vitally_jax.interop.export_timm_vit loads into timm and gives our numbers
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def check_export(folder: pathlib.Path) -> None:
     """folder/vit.safetensors (export_timm_vit) + folder/expected.npz (x NHWC, tokens = our last-block tokens,
@@ -248,8 +275,10 @@ def check_export(folder: pathlib.Path) -> None:
         emb = model.forward_head(model.norm(t), pre_logits=True)
     d_tok = float((t - torch.from_numpy(exp["tokens"])).abs().max())
     d_emb = float((emb - torch.from_numpy(exp["cls_norm"])).abs().max())
-    print(f"timm {timm.__version__} ({meta['mlp_bias']} mlp_bias): max |tokens diff| {d_tok:.2e}, "
-          f"max |embedding diff| {d_emb:.2e}")
+    print(
+        f"timm {timm.__version__} ({meta['mlp_bias']} mlp_bias): max |tokens diff| {d_tok:.2e}, "
+        f"max |embedding diff| {d_emb:.2e}"
+    )
     if max(d_tok, d_emb) > 1e-5:
         sys.exit("error: the exported weights do not reproduce our outputs in timm")
 
@@ -257,6 +286,7 @@ def check_export(folder: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -279,8 +309,9 @@ def main(argv=None) -> int:
     if timm_version() < (1, 0, 0):
         sys.exit(f"error: the DINOv2 goldens need timm >= 1.0 (found {timm.__version__})")
     inputs = {k: image(gen, b, h, w, 3) for k, (b, h, w) in DINOV2_INPUTS.items()}
-    np.savez_compressed(out / "interop_dinov2_inputs.npz",
-                        **{k: v.numpy().astype(np.float16) for k, v in inputs.items()})
+    np.savez_compressed(
+        out / "interop_dinov2_inputs.npz", **{k: v.numpy().astype(np.float16) for k, v in inputs.items()}
+    )
     make_dinov2("mlp", "vit_small_patch14_dinov2", 16, inputs, gen, out, resample=True)
     make_dinov2("swiglu", "vit_giant_patch14_dinov2", 24, inputs, gen, out, resample=False)  # hidden 2 x 64
     make_dinov2("reg4", "vit_small_patch14_reg4_dinov2", 16, inputs, gen, out, resample=False)

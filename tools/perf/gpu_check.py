@@ -1,8 +1,8 @@
 """One-accelerator check (<= 8 min on one H200): bf16 MFU of L/8 and G/8 MAE train steps with cuDNN attention,
 every-block extraction throughput, and bf16 vs float32 agreement. Writes JSON and prints a table.
 
-    python tools/gpu_check.py --json=bench_out/gpu_check.json              # on a GPU host
-    python tools/gpu_check.py --cpu-smoke --json=/tmp/gpu_check.json       # tiny shapes on CPU (CI)
+    python tools/perf/gpu_check.py --json=bench_out/gpu_check.json              # on a GPU host
+    python tools/perf/gpu_check.py --cpu-smoke --json=/tmp/gpu_check.json       # tiny shapes on CPU (CI)
 
 MFU = analytic FLOPs (`vitally_jax.flops`, remat recomputation not counted) / median step time / peak, where
 peak is `--peak_tflops` (default: 989 dense bf16 for H100/H200, 0 = measured) and the measured bf16 matmul rate
@@ -11,6 +11,7 @@ that it compiles and fits one device at batch 64; its MFU is per-block represent
 the depth that ran). Agreement: the same encoder weights run in float32 and bfloat16 on the same crops;
 reported are the cosine similarity of the final `cls_norm` embeddings and the max relative error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,37 +22,28 @@ import statistics
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-
-def _timed(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+from _shared import build_jax_step, timed
 
 
 def matmul_rate(dtype: str, n: int) -> float:
     """FLOP/s of an n^3 matmul in `dtype` on the default device (best of 5)."""
     import jax
     import jax.numpy as jnp
+
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
-    return 2.0 * n ** 3 / min(_timed(lambda: f(a).block_until_ready(), 5))
+    return 2.0 * n**3 / min(timed(lambda: f(a).block_until_ready(), 5))
 
 
-def train_mfu(variant: str, batch: int, crop: int, depth: int | None, dtype: str, attention: str | None,
-              steps: int, peak: float) -> dict:
+def train_mfu(
+    variant: str, batch: int, crop: int, depth: int | None, dtype: str, attention: str | None, steps: int, peak: float
+) -> dict:
     """Median step time and MFU of the trainer's real update step."""
-    import bench_train
     t0 = time.perf_counter()
-    run, state, flops_img, mae_cfg = bench_train.build_jax_step(variant, batch, crop, depth=depth, dtype=dtype,
-                                                                attention_impl=attention)
+    run, state, flops_img, mae_cfg = build_jax_step(
+        variant, batch, crop, depth=depth, dtype=dtype, attention_impl=attention
+    )
     state, m = run(state)
     compile_s = time.perf_counter() - t0
     times = []
@@ -61,10 +53,21 @@ def train_mfu(variant: str, batch: int, crop: int, depth: int | None, dtype: str
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
     achieved = flops_img * batch / step_s
-    return {"variant": variant, "depth": mae_cfg.encoder.depth, "batch": batch, "crop": crop, "dtype": dtype,
-            "attention_impl": attention, "compile_s": round(compile_s, 1), "step_s": step_s,
-            "images_per_s": batch / step_s, "tflops": achieved / 1e12, "mfu": achieved / peak,
-            "loss": float(m["loss"]), "finite": bool(m["finite"])}
+    return {
+        "variant": variant,
+        "depth": mae_cfg.encoder.depth,
+        "batch": batch,
+        "crop": crop,
+        "dtype": dtype,
+        "attention_impl": attention,
+        "compile_s": round(compile_s, 1),
+        "step_s": step_s,
+        "images_per_s": batch / step_s,
+        "tflops": achieved / 1e12,
+        "mfu": achieved / peak,
+        "loss": float(m["loss"]),
+        "finite": bool(m["finite"]),
+    }
 
 
 def _encoder(variant: str, crop: int, depth: int | None, dtype: str, attention: str | None):
@@ -72,6 +75,7 @@ def _encoder(variant: str, crop: int, depth: int | None, dtype: str, attention: 
 
     from vitally_jax import sharding
     from vitally_jax.models.vit import ViTEncoder, vit_config
+
     over = dict(img_size=crop, in_chans=6, dtype=dtype, attention_impl=attention)
     if depth is not None:
         over["depth"] = depth
@@ -79,14 +83,16 @@ def _encoder(variant: str, crop: int, depth: int | None, dtype: str, attention: 
     return sharding.create_sharded(lambda: ViTEncoder(cfg, rngs=nnx.Rngs(0))), cfg
 
 
-def extraction(variant: str, batch: int, crop: int, depth: int | None, dtype: str, attention: str | None,
-               steps: int) -> dict:
+def extraction(
+    variant: str, batch: int, crop: int, depth: int | None, dtype: str, attention: str | None, steps: int
+) -> dict:
     """Images/s of every-block pooled embeddings in one pass vs the final block only."""
     import jax
     import numpy as np
     from flax import nnx
 
     from vitally_jax.models.preprocess import self_standardize
+
     enc, cfg = _encoder(variant, crop, depth, dtype, attention)
     graphdef, state = nnx.split(enc)
 
@@ -104,7 +110,8 @@ def extraction(variant: str, batch: int, crop: int, depth: int | None, dtype: st
     for name, f in (("every_block", every_block), ("final_block", final_only)):
         jax.block_until_ready(f(state, x))
         out[f"{name}_images_per_s"] = batch / statistics.median(
-            _timed(lambda: jax.block_until_ready(f(state, x)), steps))
+            timed(lambda f=f: jax.block_until_ready(f(state, x)), steps)
+        )
     return out
 
 
@@ -116,6 +123,7 @@ def agreement(variant: str, batch: int, crop: int, depth: int | None, attention:
     from flax import nnx
 
     from vitally_jax.models.preprocess import self_standardize
+
     enc32, cfg = _encoder(variant, crop, depth, "float32", None)
     enc16, _ = _encoder(variant, crop, depth, "bfloat16", attention)
     nnx.update(enc16, nnx.state(enc32, nnx.Param))
@@ -123,13 +131,22 @@ def agreement(variant: str, batch: int, crop: int, depth: int | None, attention:
 
     def emb(e):
         g, s = nnx.split(e)
-        return np.asarray(jax.jit(lambda st, im: nnx.merge(g, st)(self_standardize(im))["blocks"]["cls_norm"][:, -1]
-                                  .astype(jnp.float32))(s, x))
+        return np.asarray(
+            jax.jit(
+                lambda st, im: nnx.merge(g, st)(self_standardize(im))["blocks"]["cls_norm"][:, -1].astype(jnp.float32)
+            )(s, x)
+        )
+
     a, b = emb(enc32), emb(enc16)
     cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     rel = np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)
-    return {"variant": variant, "depth": cfg.depth, "min_cosine": float(cos.min()),
-            "mean_cosine": float(cos.mean()), "max_rel_err": float(rel)}
+    return {
+        "variant": variant,
+        "depth": cfg.depth,
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "max_rel_err": float(rel),
+    }
 
 
 def main(argv=None) -> int:
@@ -145,8 +162,10 @@ def main(argv=None) -> int:
     if args.cpu_smoke:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
-    jax.config.update("jax_compilation_cache_dir", os.environ.get(
-        "VITALLY_JAX_COMPILATION_CACHE", str(pathlib.Path.home() / ".cache" / "vitally_jax" / "jax_cc")))
+
+    from vitally_jax.cli import setup_compilation_cache
+
+    setup_compilation_cache()
     t_start = time.perf_counter()
     dev = jax.devices()[0]
     if args.cpu_smoke:
@@ -159,8 +178,15 @@ def main(argv=None) -> int:
         ext, mm_n, steps = ("L/8", 64, 256, None), 8192, args.steps
     mm_bf16 = matmul_rate("bfloat16", mm_n)
     peak = mm_bf16 if (args.cpu_smoke or args.peak_tflops <= 0) else args.peak_tflops * 1e12
-    result = {"device": str(dev.device_kind), "platform": dev.platform, "cpu_smoke": args.cpu_smoke,
-              "peak_flops": peak, "measured_bf16_matmul_flops": mm_bf16, "train": [], "errors": []}
+    result = {
+        "device": str(dev.device_kind),
+        "platform": dev.platform,
+        "cpu_smoke": args.cpu_smoke,
+        "peak_flops": peak,
+        "measured_bf16_matmul_flops": mm_bf16,
+        "train": [],
+        "errors": [],
+    }
     for variant, batch, crop, depth in runs:
         try:
             result["train"].append(train_mfu(variant, batch, crop, depth, dtype, attention, steps, peak))
@@ -178,19 +204,27 @@ def main(argv=None) -> int:
     result["wall_s"] = time.perf_counter() - t_start
     path = pathlib.Path(args.json)
     from vitally_jax.fileio import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         pathlib.Path(tmp).write_text(json.dumps(result, indent=1))
-    print(f"device {result['device']}; peak {peak / 1e12:.1f} TFLOP/s; measured bf16 matmul "
-          f"{mm_bf16 / 1e12:.2f} TFLOP/s")
-    print(f"{'model':>6} {'depth':>5} {'batch':>5} {'step s':>8} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'compile s':>9}")
+    print(
+        f"device {result['device']}; peak {peak / 1e12:.1f} TFLOP/s; measured bf16 matmul {mm_bf16 / 1e12:.2f} TFLOP/s"
+    )
+    print(
+        f"{'model':>6} {'depth':>5} {'batch':>5} {'step s':>8} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'compile s':>9}"
+    )
     for r in result["train"]:
-        print(f"{r['variant']:>6} {r['depth']:>5} {r['batch']:>5} {r['step_s']:8.3f} {r['images_per_s']:8.1f} "
-              f"{r['tflops']:8.2f} {100 * r['mfu']:5.1f}% {r['compile_s']:9.1f}")
+        print(
+            f"{r['variant']:>6} {r['depth']:>5} {r['batch']:>5} {r['step_s']:8.3f} {r['images_per_s']:8.1f} "
+            f"{r['tflops']:8.2f} {100 * r['mfu']:5.1f}% {r['compile_s']:9.1f}"
+        )
     if "extraction" in result:
         e = result["extraction"]
-        print(f"extraction {e['variant']}: every block {e['every_block_images_per_s']:.1f} img/s, final block only "
-              f"{e['final_block_images_per_s']:.1f} img/s")
+        print(
+            f"extraction {e['variant']}: every block {e['every_block_images_per_s']:.1f} img/s, final block only "
+            f"{e['final_block_images_per_s']:.1f} img/s"
+        )
     if "agreement" in result:
         a = result["agreement"]
         print(f"bf16 vs fp32 ({a['variant']}): min cosine {a['min_cosine']:.5f}, max rel err {a['max_rel_err']:.4f}")

@@ -1,11 +1,12 @@
 """Cost of extracting every block's embedding in one pass, measured side by side in one run.
 
-    python tools/bench_probe.py                                   # ViT-S/16 at 128 px, batch 16, CPU
-    python tools/bench_probe.py --variant L/8 --img 256 --batch 64 --json bench_probe.json   # on an accelerator
+    python tools/perf/bench_probe.py                                   # ViT-S/16 at 128 px, batch 16, CPU
+    python tools/perf/bench_probe.py --variant L/8 --img 256 --batch 64 --json bench_probe.json   # on an accelerator
 
 Three jitted programs on the same uint8 batch (self-standardisation included in each):
 
-- all blocks: `vitally_jax.embedding.blocks` extractor, every block, CLS+norm and mean pooling (pooled inside the layer scan);
+- all blocks: `vitally_jax.embedding.blocks` extractor, every block, CLS+norm and mean pooling (pooled inside the
+  layer scan);
 - final block only: the same encoder run with no per-block pooling, pooled once after the last block;
 - truncated re-runs: the final-block-only program of the encoder cut to b blocks, for every b = 1..depth (what
   a block sweep costs without the single pass).
@@ -13,7 +14,7 @@ Three jitted programs on the same uint8 batch (self-standardisation included in 
 Each program is compiled first, then timed `--repeats` times in interleaved order; medians are reported.
 Targets: all-blocks / final-only <= 1.05; speed-up over truncated re-runs ~ (depth + 1) / 2.
 
-The PyTorch reference forward (`tools/torch_reference.py`: timm 0.9.7 ParallelScalingBlock encoder,
+The PyTorch reference forward (`tools/goldens/torch_reference.py`: timm 0.9.7 ParallelScalingBlock encoder,
 self-standardisation, final norm, CLS and mean pooling, `torch.inference_mode`, eager and with `--torch-compile`
 also torch.compile) runs in the torch venv (`VITALLY_TORCH_PYTHON`) as one long-lived process with 2 threads,
 interleaved with the JAX programs in every repeat; skipped with a note when that venv is missing.
@@ -21,12 +22,11 @@ interleaved with the JAX programs in every repeat; skipped with a note when that
 Then the linear probes: one standardised logistic regression per block on synthetic features of the encoder's
 width, the JAX probe (all blocks in one vmapped solve) against scikit-learn (block by block), time and accuracy.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import pathlib
 import statistics
 import sys
 import time
@@ -41,8 +41,9 @@ def _parse(argv):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default="bench_probe.json", help="where to write the results")
-    p.add_argument("--probe-samples", type=int, default=1000,
-                   help="linear-probe timing: samples per split (0 skips it)")
+    p.add_argument(
+        "--probe-samples", type=int, default=1000, help="linear-probe timing: samples per split (0 skips it)"
+    )
     p.add_argument("--probe-classes", type=int, default=20)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference forward")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the reference forward")
@@ -93,14 +94,18 @@ def _bench_probes(blocks: int, width: int, n: int, k: int) -> dict:
         t0 = time.perf_counter()
         probe_scores(trx, try_, tex, tey, probe=probe)
         out[name] = {"first_s": first, "s": time.perf_counter() - t0, "balanced_accuracy": acc.tolist()}
-    diff = float(np.abs(np.array(out["jax"]["balanced_accuracy"]) - np.array(out["sklearn"]["balanced_accuracy"])).max())
+    diff = float(
+        np.abs(np.array(out["jax"]["balanced_accuracy"]) - np.array(out["sklearn"]["balanced_accuracy"])).max()
+    )
     print(f"\nlinear probes: {blocks} blocks x {n} train / {n} test samples x {width} features, {k} classes")
     print(f"{'backend':<10}{'s (warm)':>10}{'s (first)':>11}{'mean bal. acc.':>16}")
     for name in ("jax", "sklearn"):
         r = out[name]
         print(f"{name:<10}{r['s']:>10.2f}{r['first_s']:>11.2f}{np.mean(r['balanced_accuracy']):>16.4f}")
-    print(f"JAX / scikit-learn speed-up (warm): {out['sklearn']['s'] / out['jax']['s']:.2f}x; "
-          f"max |accuracy difference| over blocks: {diff:.4f}")
+    print(
+        f"JAX / scikit-learn speed-up (warm): {out['sklearn']['s'] / out['jax']['s']:.2f}x; "
+        f"max |accuracy difference| over blocks: {diff:.4f}"
+    )
     out["max_abs_accuracy_diff"] = diff
     return out
 
@@ -109,29 +114,35 @@ def _torch_worker(args, cfg):
     """-> (commands to time, worker or None, note): the PyTorch reference forward process, when available."""
     if args.no_torch:
         return [], None, "PyTorch reference skipped (--no-torch)"
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from bench_train import TorchWorker, torch_available
+    from _shared import TorchWorker, torch_available
 
     reason = torch_available()
     if reason is not None:
         return [], None, f"PyTorch reference not available: {reason}"
-    worker = TorchWorker({"variant": args.variant, "img": args.img, "batch": args.batch, "chans": args.channels,
-                          "depth": cfg.depth, "threads": 2})
+    worker = TorchWorker(
+        {
+            "variant": args.variant,
+            "img": args.img,
+            "batch": args.batch,
+            "chans": args.channels,
+            "depth": cfg.depth,
+            "threads": 2,
+        }
+    )
     return ["forward"] + (["forward_compile"] if args.torch_compile else []), worker, None
 
 
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     import jax
-
-    cache = os.environ.get("VITALLY_JAX_CACHE", str(pathlib.Path.home() / ".cache" / "vitally_jax" / "jax_cc"))
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", cache)
     import numpy as np
     from flax import nnx
 
-    from vitally_jax.models.vit import ViTEncoder, vit_config
+    from vitally_jax.cli import setup_compilation_cache
     from vitally_jax.embedding.blocks import make_extractor
+    from vitally_jax.models.vit import ViTEncoder, vit_config
+
+    setup_compilation_cache()
 
     over = dict(img_size=args.img, in_chans=args.channels)
     if args.depth:
@@ -139,14 +150,15 @@ def main(argv=None) -> int:
     cfg = vit_config(args.variant, **over)
     enc = ViTEncoder(cfg, rngs=nnx.Rngs(0))
     depth = cfg.depth
-    images = jax.device_put(np.random.default_rng(0).integers(0, 256, (args.batch, args.img, args.img,
-                                                                         args.channels), dtype=np.uint8))
+    images = jax.device_put(
+        np.random.default_rng(0).integers(0, 256, (args.batch, args.img, args.img, args.channels), dtype=np.uint8)
+    )
     extractor = make_extractor(enc, pooling=("cls_norm", "mean"))
     state, final_only = _programs(enc)
 
     runs = {"all_blocks": lambda: extractor(images), "final_only": lambda: final_only(state, images, depth)}
     for b in range(1, depth + 1):
-        runs[f"truncated_{b}"] = (lambda b=b: final_only(state, images, b))
+        runs[f"truncated_{b}"] = lambda b=b: final_only(state, images, b)
     compile_s = {}
     for name, fn in runs.items():  # compile + warm up
         t0 = time.perf_counter()
@@ -187,32 +199,59 @@ def main(argv=None) -> int:
     ratio_min = best["all_blocks"] / best["final_only"]
     speedup_min = sum(best[f"truncated_{b}"] for b in range(1, depth + 1)) / best["all_blocks"]
 
-    print(f"device: {jax.devices()[0].platform} x{jax.device_count()}  model: {args.variant} depth {depth} width "
-          f"{cfg.width}  batch {args.batch} x {args.img}x{args.img}x{args.channels}  repeats {args.repeats}")
+    print(
+        f"device: {jax.devices()[0].platform} x{jax.device_count()}  model: {args.variant} depth {depth} width "
+        f"{cfg.width}  batch {args.batch} x {args.img}x{args.img}x{args.channels}  repeats {args.repeats}"
+    )
     print(f"{'program':<26}{'median s':>12}{'crops/s':>12}{'compile s':>12}")
     for name in ("all_blocks", "final_only", *[k for k in med if k.startswith("torch_")]):
-        label = {"torch_forward": "PyTorch reference (eager)",
-                 "torch_forward_compile": "PyTorch reference (compile)"}.get(name, name)
+        label = {
+            "torch_forward": "PyTorch reference (eager)",
+            "torch_forward_compile": "PyTorch reference (compile)",
+        }.get(name, name)
         print(f"{label:<26}{med[name]:>12.4f}{args.batch / med[name]:>12.1f}{compile_s[name]:>12.2f}")
-    print(f"{'truncated 1..' + str(depth) + ' (sum)':<26}{truncated_total:>12.4f}"
-          f"{args.batch / truncated_total:>12.1f}{sum(compile_s[f'truncated_{b}'] for b in range(1, depth + 1)):>12.2f}")
+    print(
+        f"{'truncated 1..' + str(depth) + ' (sum)':<26}{truncated_total:>12.4f}"
+        f"{args.batch / truncated_total:>12.1f}{sum(compile_s[f'truncated_{b}'] for b in range(1, depth + 1)):>12.2f}"
+    )
     print(f"all blocks / final block only: {ratio:.3f} by medians, {ratio_min:.3f} by minima (target <= 1.05)")
-    print(f"speed-up over truncated re-runs per block: {speedup:.2f}x by medians, {speedup_min:.2f}x by minima "
-          f"(ideal (depth+1)/2 = {(depth + 1) / 2:.1f}x)")
+    print(
+        f"speed-up over truncated re-runs per block: {speedup:.2f}x by medians, {speedup_min:.2f}x by minima "
+        f"(ideal (depth+1)/2 = {(depth + 1) / 2:.1f}x)"
+    )
     torch_meds = [v for k, v in med.items() if k.startswith("torch_")]
     vs_torch = min(torch_meds) / med["all_blocks"] if torch_meds else None
     if vs_torch is not None:
-        print(f"every-block extraction vs the faster PyTorch reference forward (final block only): {vs_torch:.2f}x "
-              f"by medians")
+        print(
+            f"every-block extraction vs the faster PyTorch reference forward (final block only): {vs_torch:.2f}x "
+            f"by medians"
+        )
     if torch_note:
         print(f"note: {torch_note}")
     print(f"max |single-pass last block - final-only| = {err:.2e}")
-    result = {"device": jax.devices()[0].platform, "device_count": jax.device_count(), "variant": args.variant,
-              "depth": depth, "width": cfg.width, "batch": args.batch, "img": args.img, "channels": args.channels,
-              "repeats": args.repeats, "median_s": med, "compile_s": compile_s, "truncated_total_s": truncated_total,
-              "all_over_final_ratio": ratio, "speedup_over_truncated": speedup,
-              "all_over_final_ratio_min": ratio_min, "speedup_over_truncated_min": speedup_min, "min_s": best, "max_abs_diff_last_block": err,
-              "times_s": times, "all_blocks_vs_torch": vs_torch, "torch_note": torch_note}
+    result = {
+        "device": jax.devices()[0].platform,
+        "device_count": jax.device_count(),
+        "variant": args.variant,
+        "depth": depth,
+        "width": cfg.width,
+        "batch": args.batch,
+        "img": args.img,
+        "channels": args.channels,
+        "repeats": args.repeats,
+        "median_s": med,
+        "compile_s": compile_s,
+        "truncated_total_s": truncated_total,
+        "all_over_final_ratio": ratio,
+        "speedup_over_truncated": speedup,
+        "all_over_final_ratio_min": ratio_min,
+        "speedup_over_truncated_min": speedup_min,
+        "min_s": best,
+        "max_abs_diff_last_block": err,
+        "times_s": times,
+        "all_blocks_vs_torch": vs_torch,
+        "torch_note": torch_note,
+    }
     if args.probe_samples:
         result["probe"] = _bench_probes(depth, cfg.width, args.probe_samples, args.probe_classes)
     from vitally_jax.fileio import write_text

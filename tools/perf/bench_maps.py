@@ -10,8 +10,9 @@ D. Recall on a 20,000-gene map (2e8-value null), exact, timed in a subprocess th
 
 Prints a table and ratios and writes JSON (default bench_maps.json). efaar-benchmarking is optional
 (`pip install --no-deps -r requirements-efaar.txt`); stand-ins cover its unused module-level imports.
-Usage: python tools/bench_maps.py [--genes 5000] [--genome-genes 20000] [--skip-efaar] [--out bench_maps.json]
+Usage: python tools/perf/bench_maps.py [--genes 5000] [--genome-genes 20000] [--skip-efaar] [--out bench_maps.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ def real_genes(n: int, seed: int = 0) -> list[str]:
     return pick + [f"UNANNOTATED{i:05d}" for i in range(n - len(pick))]
 
 
-def synthetic_screen(n_genes: int, guides: int = 4, batches: int = 4, ctrl_per_batch: int = 500, dim: int = 256,
-                     seed: int = 0):
+def synthetic_screen(
+    n_genes: int, guides: int = 4, batches: int = 4, ctrl_per_batch: int = 500, dim: int = 256, seed: int = 0
+):
     """Well embeddings (N, dim) float64 and metadata (gene, guide, batch); CORUM complexes share signatures."""
     rng = np.random.default_rng(seed)
     genes = real_genes(n_genes, seed)
@@ -66,9 +68,13 @@ def synthetic_screen(n_genes: int, guides: int = 4, batches: int = 4, ctrl_per_b
     x = np.concatenate([x, xc])
     b = np.concatenate([batch_idx, cb])
     x = x * batch_scale[b] + batch_off[b]
-    md = pd.DataFrame({"gene": np.concatenate([np.asarray(genes, object)[gene_idx], ["EMPTY"] * len(cb)]),
-                       "guide": np.concatenate([guide_idx, -np.ones(len(cb), int)]),
-                       "batch": [f"exp{k}" for k in b]})
+    md = pd.DataFrame(
+        {
+            "gene": np.concatenate([np.asarray(genes, object)[gene_idx], ["EMPTY"] * len(cb)]),
+            "guide": np.concatenate([guide_idx, -np.ones(len(cb), int)]),
+            "batch": [f"exp{k}" for k in b],
+        }
+    )
     return x, md
 
 
@@ -99,8 +105,9 @@ def ours_fused(x, md):
     """TVN fitted on controls, applied to per-(perturbation, batch) sums: the same mean map, ~16x fewer flops."""
     ctrl = (md.gene == "EMPTY").to_numpy()
     with Timer() as t:
-        m = B.aggregate_transformed(x, md.gene.to_numpy(), B.tvn_transforms(x, ctrl, md.batch.to_numpy()),
-                                    drop=["EMPTY"])
+        m = B.aggregate_transformed(
+            x, md.gene.to_numpy(), B.tvn_transforms(x, ctrl, md.batch.to_numpy()), drop=["EMPTY"]
+        )
     return t, m
 
 
@@ -141,9 +148,17 @@ def genome_child(n_genes: int, dim: int, threads: int) -> None:
     with Timer() as t:
         rec = B.known_relationship_recall(x, genes, threads=threads)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print(json.dumps({"seconds": t.wall, "cpu_seconds": t.cpu, "peak_rss_gib": rss,
-                      "null_size": int(rec.null_distribution_size.iloc[0]),
-                      "recall": rec.to_dict(orient="records")}))
+    print(
+        json.dumps(
+            {
+                "seconds": t.wall,
+                "cpu_seconds": t.cpu,
+                "peak_rss_gib": rss,
+                "null_size": int(rec.null_distribution_size.iloc[0]),
+                "recall": rec.to_dict(orient="records"),
+            }
+        )
+    )
 
 
 def main() -> int:
@@ -163,8 +178,10 @@ def main() -> int:
     result = {"config": vars(a), "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()}
     print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (timings scale with other load)")
     x, md = synthetic_screen(a.genes, dim=a.dim)
-    print(f"C. map: {a.genes} genes x 4 guides x 4 batches + {int((md.gene == 'EMPTY').sum())} controls, "
-          f"{a.dim}-d, {len(x)} wells")
+    print(
+        f"C. map: {a.genes} genes x 4 guides x 4 batches + {int((md.gene == 'EMPTY').sum())} controls, "
+        f"{a.dim}-d, {len(x)} wells"
+    )
     t_ours, m, rec = ours(x, md)
     t_fused, m_fused = ours_fused(x, md)
     signs = np.sign(np.sum(m.features * m_fused.features, axis=0))
@@ -185,8 +202,9 @@ def main() -> int:
             signs = np.sign(np.sum(m.features * feats_ref, axis=0))
             result["max_abs_diff_map"] = float(np.abs(m.features * signs - feats_ref).max())
             cols = [c for c in rec.columns if c.startswith("recall")]
-            result["recall_equal"] = bool(np.allclose(rec[cols].to_numpy(float), rec_ref[cols].to_numpy(float),
-                                                      rtol=1e-8))
+            result["recall_equal"] = bool(
+                np.allclose(rec[cols].to_numpy(float), rec_ref[cols].to_numpy(float), rtol=1e-8)
+            )
     ref = result.get("efaar")
     print(f"{'step':<20}{'ours wall':>10}{'efaar wall':>11}{'ratio':>8}{'ours cpu':>10}{'efaar cpu':>10}{'ratio':>8}")
     names = {"tvn": "tvn", "aggregate": "aggregate", "recall": "recall (5 sources)"}
@@ -200,35 +218,52 @@ def main() -> int:
             r = ref[key]
             tot["efaar"][0] += r["wall"]
             tot["efaar"][1] += r["cpu"]
-            line += (f"{r['wall']:>11.2f}{r['wall'] / o['wall']:>7.1f}x{o['cpu']:>10.2f}{r['cpu']:>10.2f}"
-                     f"{r['cpu'] / o['cpu']:>7.1f}x")
+            line += (
+                f"{r['wall']:>11.2f}{r['wall'] / o['wall']:>7.1f}x{o['cpu']:>10.2f}{r['cpu']:>10.2f}"
+                f"{r['cpu'] / o['cpu']:>7.1f}x"
+            )
         print(line)
     if ref:
         (ow, oc), (rw, rc) = tot["ours"], tot["efaar"]
         result["speedup_total_wall"] = rw / ow
         result["speedup_total_cpu"] = rc / oc
         print(f"{'total':<20}{ow:>10.2f}{rw:>11.2f}{rw / ow:>7.1f}x{oc:>10.2f}{rc:>10.2f}{rc / oc:>7.1f}x")
-        print(f"outputs: recall equal (rtol 1e-8): {result['recall_equal']}; "
-              f"map max |diff| up to column signs: {result['max_abs_diff_map']:.2e}")
+        print(
+            f"outputs: recall equal (rtol 1e-8): {result['recall_equal']}; "
+            f"map max |diff| up to column signs: {result['max_abs_diff_map']:.2e}"
+        )
         fw = t_fused.wall + result["ours"]["recall"]["wall"]
         fc = t_fused.cpu + result["ours"]["recall"]["cpu"]
         result["speedup_total_fused_wall"] = rw / fw
         result["speedup_total_fused_cpu"] = rc / fc
-        print(f"{'fused tvn+aggregate':<20}{t_fused.wall:>10.2f}{ref['tvn']['wall'] + ref['aggregate']['wall']:>11.2f}"
-              f"{'':>8}{t_fused.cpu:>10.2f}{ref['tvn']['cpu'] + ref['aggregate']['cpu']:>10.2f}")
+        print(
+            f"{'fused tvn+aggregate':<20}{t_fused.wall:>10.2f}{ref['tvn']['wall'] + ref['aggregate']['wall']:>11.2f}"
+            f"{'':>8}{t_fused.cpu:>10.2f}{ref['tvn']['cpu'] + ref['aggregate']['cpu']:>10.2f}"
+        )
         print(f"{'total (fused)':<20}{fw:>10.2f}{rw:>11.2f}{rw / fw:>7.1f}x{fc:>10.2f}{rc:>10.2f}{rc / fc:>7.1f}x")
         print(f"fused map vs unfused: max |diff| {result['fused_map_max_abs_diff']:.2e}")
     else:
         print(f"{'total':<20}{tot['ours'][0]:>10.2f}")
     print(rec.to_string(index=False))
     if not a.skip_genome:
-        cmd = [sys.executable, __file__, "--genome-child", "--genome-genes", str(a.genome_genes), "--dim",
-               str(a.dim), "--threads", str(a.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--genome-child",
+            "--genome-genes",
+            str(a.genome_genes),
+            "--dim",
+            str(a.dim),
+            "--threads",
+            str(a.threads),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         g = json.loads(out)
         result["genome"] = g
-        print(f"D. recall, {a.genome_genes} genes ({g['null_size']:.3g} null pairs, exact): {g['seconds']:.1f} s wall, "
-              f"{g['cpu_seconds']:.1f} s CPU, peak RSS {g['peak_rss_gib']:.2f} GiB (targets: < 120 s, < 8 GiB)")
+        print(
+            f"D. recall, {a.genome_genes} genes ({g['null_size']:.3g} null pairs, exact): {g['seconds']:.1f} s wall, "
+            f"{g['cpu_seconds']:.1f} s CPU, peak RSS {g['peak_rss_gib']:.2f} GiB (targets: < 120 s, < 8 GiB)"
+        )
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1, default=float)
     print(f"wrote {a.out}")

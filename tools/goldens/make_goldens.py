@@ -1,15 +1,15 @@
 """Regenerate the PyTorch reference outputs ("goldens") that the JAX models are tested against.
 
 Runs ONLY in an optional environment with torch and timm; CI never imports torch (the tests read the committed
-`tests/goldens/*.npz`). Environments used (see requirements-goldens.txt):
+`tests/goldens/*.npz`). Environments used (see tools/goldens/requirements.txt):
 
     python -m venv /work/goldens-venv
     /work/goldens-venv/bin/pip install torch==2.13.0 numpy pyyaml huggingface_hub safetensors pillow
     /work/goldens-venv/bin/pip install --no-deps timm==0.9.7          # legacy mlp_bias semantics
-    /work/goldens-venv/bin/python tools/make_goldens.py                # writes *_legacy.npz and ca_mae.npz
+    /work/goldens-venv/bin/python tools/goldens/make_goldens.py                # writes *_legacy.npz and ca_mae.npz
 
     python -m venv /work/goldens-venv-timm1                            # same, but 'timm>=1.0.25'
-    /work/goldens-venv-timm1/bin/python tools/make_goldens.py          # writes vit_new.npz
+    /work/goldens-venv-timm1/bin/python tools/goldens/make_goldens.py          # writes vit_new.npz
 
 torchvision: timm 0.9.7 imports torchvision while importing itself (`timm.layers.norm_act` takes
 FrozenBatchNorm2d from it; `timm.data` takes transforms), yet no ViT code path uses it. The PyPI torchvision
@@ -29,6 +29,7 @@ What is built, at tiny geometry (24x24 images, patch 8, width 32, depth 3, 2 hea
 Every parameter is moved away from its initial value (LayerScale ~0.5, LayerNorm scales 1 +- 0.1, every bias
 incl. mlp_bias ~N(0, 0.1), weights ~N(0, 1/fan_in)). State dicts use the OpenPhenom key layout.
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -82,17 +83,33 @@ class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 sys.meta_path.insert(0, _PlaceholderFinder())
 
+from functools import partial  # noqa: E402
+
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from functools import partial  # noqa: E402
 from timm.models.vision_transformer import Block, Mlp, ParallelScalingBlock, VisionTransformer  # noqa: E402
 
-OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "goldens"
-GEOM = dict(img=24, patch=8, chans=3, width=32, depth=3, heads=2, mlp_ratio=4, dec_width=16, dec_depth=2,
-            dec_heads=2, ca_max_chans=4, ca_dec_depth=1, ca_cross_heads=2, batch=2, mask_ratio=0.75,
-            fourier_weight=0.01)
+OUT = pathlib.Path(__file__).resolve().parent.parent.parent / "tests" / "goldens"
+GEOM = dict(
+    img=24,
+    patch=8,
+    chans=3,
+    width=32,
+    depth=3,
+    heads=2,
+    mlp_ratio=4,
+    dec_width=16,
+    dec_depth=2,
+    dec_heads=2,
+    ca_max_chans=4,
+    ca_dec_depth=1,
+    ca_cross_heads=2,
+    batch=2,
+    mask_ratio=0.75,
+    fourier_weight=0.01,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,8 +119,9 @@ def sincos_table(dim, grid, cls_row=True, repeat=1):
     """(1, cls + repeat*grid^2, dim): [sin(i w), cos(i w), sin(j w), cos(j w)], w_k = 10000^(-k/(dim/4))."""
     d4 = dim // 4
     w = 1.0 / (10000.0 ** (torch.arange(d4, dtype=torch.float64) / d4))
-    ii, jj = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
+    ii, jj = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     a, b = ii.reshape(-1, 1) * w, jj.reshape(-1, 1) * w
     t = torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], dim=1).float().repeat(repeat, 1)
     if cls_row:
@@ -156,8 +174,13 @@ def losses(pred, target, mask, pred_img, target_img, modalities, weight):
     shape = (b, k * modalities, s, s)
     ref = (torch.fft.fft2(pred.reshape(shape)).abs() - torch.fft.fft2(target.reshape(shape)).abs()).abs().mean()
     img = (torch.fft.fft2(pred_img).abs() - torch.fft.fft2(target_img).abs()).abs().mean()
-    return {"loss_rec": rec, "loss_fourier_reference": ref, "loss_fourier_image": img,
-            "loss_reference": (1 - weight) * rec + weight * ref, "loss_image": (1 - weight) * rec + weight * img}
+    return {
+        "loss_rec": rec,
+        "loss_fourier_reference": ref,
+        "loss_fourier_image": img,
+        "loss_reference": (1 - weight) * rec + weight * ref,
+        "loss_image": (1 - weight) * rec + weight * img,
+    }
 
 
 class ChannelAgnosticPatchEmbed(nn.Module):
@@ -168,7 +191,7 @@ class ChannelAgnosticPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(1, dim, kernel_size=patch, stride=patch)
 
     def forward(self, x):
-        per_channel = [self.proj(x[:, c:c + 1]).flatten(2).transpose(1, 2) for c in range(x.shape[1])]
+        per_channel = [self.proj(x[:, c : c + 1]).flatten(2).transpose(1, 2) for c in range(x.shape[1])]
         return torch.cat(per_channel, dim=1)
 
 
@@ -217,8 +240,12 @@ class ChannelAgnosticDecoder(nn.Module):
         self.modality_tokens = nn.ParameterList([nn.Parameter(torch.zeros(1, 1, dim)) for _ in range(channels)])
         self.cross_attention = CrossAttention(dim, cross_heads)
         self.mlp = Mlp(dim, hidden_features=4 * dim)
-        self.decoders = nn.ModuleList([nn.Sequential(*[Block(dim, heads, 4.0, qkv_bias=True, norm_layer=norm)
-                                                       for _ in range(depth)]) for _ in range(channels)])
+        self.decoders = nn.ModuleList(
+            [
+                nn.Sequential(*[Block(dim, heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
+                for _ in range(channels)
+            ]
+        )
         self.context_norm, self.query_norm, self.out_norm = norm(dim), norm(dim), norm(dim)
         self.pos_embeddings = nn.Parameter(sincos_table(dim, grid, repeat=channels), requires_grad=False)
 
@@ -229,7 +256,7 @@ class ChannelAgnosticDecoder(nn.Module):
         ctx = self.context_norm(patches)
         outs = []
         for c, stack in enumerate(self.decoders):
-            z = patches[:, c * self.tokens:(c + 1) * self.tokens]
+            z = patches[:, c * self.tokens : (c + 1) * self.tokens]
             z = self.cross_attention(self.query_norm(z), ctx)
             z = z + self.mlp(self.out_norm(z))
             outs.append(stack(z))
@@ -252,7 +279,7 @@ def encoder_tokens(vit, x, channel_agnostic):
     """Patch tokens + CLS + fixed positions, exactly as the reference adds them (before the blocks)."""
     t = vit.patch_embed(x)
     t = torch.cat([vit.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
-    return t + vit.pos_embed[:, :t.shape[1]]
+    return t + vit.pos_embed[:, : t.shape[1]]
 
 
 def run(mae, x, noise, channel_agnostic, geom):
@@ -269,7 +296,7 @@ def run(mae, x, noise, channel_agnostic, geom):
         ref = vit.forward_features(x)
         assert torch.allclose(vit.norm(t), ref, atol=1e-6), "encoder tokens != timm forward_features"
     final_norm = vit.norm if vit.global_pool == "token" else vit.fc_norm
-    out["block_tokens"] = torch.stack(per_block)                         # (nb, B, N, D)
+    out["block_tokens"] = torch.stack(per_block)  # (nb, B, N, D)
     out["cls"] = torch.stack([b[:, 0] for b in per_block], 1)
     out["cls_norm"] = torch.stack([final_norm(b[:, 0]) for b in per_block], 1)
     out["mean"] = torch.stack([b[:, 1:].mean(1) for b in per_block], 1)
@@ -282,7 +309,7 @@ def run(mae, x, noise, channel_agnostic, geom):
     t = encoder_tokens(vit, x, channel_agnostic)
     kept, mask, restore = random_masking(t[:, 1:], geom["mask_ratio"], noise)
     t = vit.blocks(vit.norm_pre(torch.cat([t[:, :1], kept], dim=1)))
-    latent = vit.norm(t)                                                 # Identity for global_pool='avg'
+    latent = vit.norm(t)  # Identity for global_pool='avg'
     y = mae.encoder_decoder_proj(latent)
     n_mask = restore.shape[1] + 1 - y.shape[1]
     body = torch.cat([y[:, 1:], mae.decoder.mask_token.expand(y.shape[0], n_mask, -1)], dim=1)
@@ -317,22 +344,36 @@ def perturb(model, gen):
             elif prm.ndim >= 2 and leaf == "weight":
                 fan_in = prm[0].numel()
                 prm.copy_(torch.randn(prm.shape, generator=gen) / math.sqrt(fan_in))
-            else:                                                       # cls/mask/modality tokens
+            else:  # cls/mask/modality tokens
                 prm.copy_(0.5 * torch.randn(prm.shape, generator=gen))
 
 
 def build(channel_agnostic, geom):
     g = geom["img"] // geom["patch"]
-    vit = VisionTransformer(img_size=geom["img"], patch_size=geom["patch"], in_chans=geom["chans"], num_classes=0,
-                            embed_dim=geom["width"], depth=geom["depth"], num_heads=geom["heads"],
-                            mlp_ratio=geom["mlp_ratio"], qkv_bias=False, qk_norm=True, init_values=1e-4,
-                            block_fn=ParallelScalingBlock, class_token=True, fc_norm=None, drop_path_rate=0.0,
-                            global_pool="avg" if channel_agnostic else "token")
+    vit = VisionTransformer(
+        img_size=geom["img"],
+        patch_size=geom["patch"],
+        in_chans=geom["chans"],
+        num_classes=0,
+        embed_dim=geom["width"],
+        depth=geom["depth"],
+        num_heads=geom["heads"],
+        mlp_ratio=geom["mlp_ratio"],
+        qkv_bias=False,
+        qk_norm=True,
+        init_values=1e-4,
+        block_fn=ParallelScalingBlock,
+        class_token=True,
+        fc_norm=None,
+        drop_path_rate=0.0,
+        global_pool="avg" if channel_agnostic else "token",
+    )
     if channel_agnostic:
         vit.patch_embed = ChannelAgnosticPatchEmbed(geom["patch"], geom["width"])
         vit.pos_embed = nn.Parameter(sincos_table(geom["width"], g, repeat=geom["ca_max_chans"]), requires_grad=False)
-        dec = ChannelAgnosticDecoder(geom["dec_width"], geom["ca_dec_depth"], geom["dec_heads"],
-                                     geom["ca_cross_heads"], geom["chans"], g)
+        dec = ChannelAgnosticDecoder(
+            geom["dec_width"], geom["ca_dec_depth"], geom["dec_heads"], geom["ca_cross_heads"], geom["chans"], g
+        )
         pred_dim = geom["patch"] ** 2
     else:
         vit.pos_embed = nn.Parameter(sincos_table(geom["width"], g), requires_grad=False)
@@ -356,13 +397,12 @@ def make(name, channel_agnostic, seed):
     with torch.no_grad():
         out = run(mae, x, noise, channel_agnostic, geom)
     arrays = {f"sd/{k}": v.detach().numpy().astype(np.float32) for k, v in mae.state_dict().items()}
-    arrays["pixels"] = pixels.permute(0, 2, 3, 1).numpy()              # NHWC uint8
-    arrays["x"] = x.permute(0, 2, 3, 1).numpy()                        # NHWC float32
+    arrays["pixels"] = pixels.permute(0, 2, 3, 1).numpy()  # NHWC uint8
+    arrays["x"] = x.permute(0, 2, 3, 1).numpy()  # NHWC float32
     arrays["noise"] = noise.numpy()
     for k, v in out.items():
         arrays[k] = v.detach().numpy()
-    meta = dict(geom, channel_agnostic=channel_agnostic, timm=timm.__version__, torch=torch.__version__,
-                seed=seed)
+    meta = dict(geom, channel_agnostic=channel_agnostic, timm=timm.__version__, torch=torch.__version__, seed=seed)
     arrays["meta"] = np.array(json.dumps(meta))
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{name}.npz"

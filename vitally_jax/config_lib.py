@@ -1,17 +1,31 @@
-"""Shared builder of MAE pretraining configs (every key declared; None where a value is optional; keys a user
-sets from the command line while they default to None are typed placeholders, so `--config.input.store=DIR` works).
+"""Config builder and loader: every trainer config is `build(recipe, arg)`; `load(name_or_path, arg)` reads one.
 
-A model config file calls `build(recipe, arg)` where `recipe` holds the paper's numbers for that model and `arg`
-is the string after the colon in `--config=configs/vitg8.py:ARG`: comma-separated words and key=value pairs,
-e.g. `runlocal`, `runlocal,steps=200`, `variant=L/8`. `runlocal` shrinks the model, crops, batch and schedule so
-that a CPU finishes in minutes on a synthetic screen generated into the workdir.
+A config file in `configs/` is a recipe: it calls `build(recipe, arg)` where `recipe` holds the paper's numbers for
+that model and `arg` is the string after the colon in `--config=configs/vitg8.py:ARG`: comma-separated words and
+key=value pairs, e.g. `runlocal`, `runlocal,steps=200`, `variant=L/8`. `runlocal` shrinks the model, crops, batch
+and schedule so that a CPU finishes in minutes on a synthetic screen generated into the workdir.
+
+The tree declares every key (None where a value is optional; keys a user sets from the command line while they
+default to None are typed placeholders, so `--config.input.store=DIR` works). The `model` section holds
+`vitally_jax.models.mae.mae_config` overrides only: `vitally_jax.train.model_config` passes all of them through.
+
+    from vitally_jax import config_lib
+    config = config_lib.load("vits16", "runlocal")       # configs/vits16.py of this repository
+    config = config_lib.load("path/to/mine.py")          # any file defining get_config(arg)
 """
+
 from __future__ import annotations
+
+import importlib.util
+import pathlib
 
 import ml_collections
 from ml_collections import config_dict
 
 from vitally_jax.errors import ConfigError
+
+# the repository's configs/ folder (the package is installed from the checkout: pip install -e .)
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def parse_arg(arg: str | None) -> dict[str, str | bool]:
@@ -28,13 +42,19 @@ def parse_arg(arg: str | None) -> dict[str, str | bool]:
             out[part] = True
     unknown = set(out) - {"runlocal", "variant", "steps", "batch"}
     if unknown:
-        raise ConfigError(f"config argument: unknown word(s) {sorted(unknown)}; expected runlocal, variant=, "
-                          "steps=, batch=")
+        raise ConfigError(
+            f"config argument: unknown word(s) {sorted(unknown)}; expected runlocal, variant=, steps=, batch="
+        )
     return out
 
 
 def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
-    """The full config tree for one model recipe (see the model config files for the numbers)."""
+    """The full config tree for one model recipe and a config argument (`parse_arg`).
+
+    `recipe` keys: `variant`, `total_steps`, `global_batch`, `peak_lr`, `drop_path_rate`, `mesh` (data, fsdp,
+    model), `peak_flops` (per device; None = measured) and optionally `local_variant` (the `runlocal` model,
+    default "mu/8"). See the files in `configs/` for the paper's numbers.
+    """
     args = parse_arg(arg)
     c = ml_collections.ConfigDict()
     c.job = "train"  # "train" | "demo"
@@ -43,7 +63,8 @@ def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
     # stop cleanly (checkpoint, exit 0) after this many steps in one run; None = never
     c.stop_after_steps = config_dict.placeholder(int)
 
-    # Model: `vitally_jax.models.mae.mae_config(variant, **overrides)`.
+    # Model: `vitally_jax.models.mae.mae_config(variant, **overrides)` with every other key of this section as an
+    # override (None = the variant's value; the image size is input.crop); a key mae_config does not know is refused.
     c.model = ml_collections.ConfigDict()
     c.model.variant = recipe["variant"]
     c.model.in_chans = 6
@@ -137,3 +158,29 @@ def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
     if args.get("batch"):
         c.input.global_batch = int(args["batch"])
     return c
+
+
+def resolve(name_or_path: str | pathlib.Path) -> pathlib.Path:
+    """`"tiny"` -> the repository's `configs/tiny.py`; anything with a folder or a `.py` suffix is a path."""
+    s = str(name_or_path)
+    if "/" in s or "\\" in s or s.endswith(".py"):
+        return pathlib.Path(s).expanduser()
+    return CONFIGS_DIR / f"{s}.py"
+
+
+def load(name_or_path: str | pathlib.Path, arg: str | None = "") -> ml_collections.ConfigDict:
+    """The ConfigDict of `get_config(arg)` in a config file given by name (`"tiny"`, `"vits16"`, `"vitl8"`,
+    `"vitg8"`, `"demo"`: `configs/<name>.py`) or by path."""
+    path = resolve(name_or_path)
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.py")) if CONFIGS_DIR.is_dir() else []
+        raise ConfigError(
+            f"config {str(name_or_path)!r}: {path} not found (expected a config name among {known} "
+            "or the path of a Python file defining get_config)"
+        )
+    spec = importlib.util.spec_from_file_location(f"vitally_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"config {str(path)!r}: defines no get_config(arg)")
+    return module.get_config(arg)

@@ -2,31 +2,29 @@
 
 The encoder is timm 0.9.7's VisionTransformer with ParallelScalingBlock (Recursion's settings), the decoder is the
 standard MAE decoder of timm Blocks, and the loss is masked MSE + 0.01 x the "reference" Fourier L1, all built by
-`tools/make_goldens.py` (which also installs the torchvision import placeholder timm 0.9.7 needs). The optimiser
-is Lion (b1 0.9, b2 0.95, wd 0.05), the paper's, written here with torch foreach ops.
+`tools/goldens/make_goldens.py` (which also installs the torchvision import placeholder timm 0.9.7 needs). The
+optimiser is Lion (b1 0.9, b2 0.95, wd 0.05), the paper's, written here with torch foreach ops.
 
-Worker protocol (used by `tools/bench_train.py`, one process kept alive so rounds can interleave with JAX):
+Worker protocol (used by `tools/perf/bench_train.py`, one process kept alive so rounds can interleave with JAX):
 
-    /work/goldens-venv/bin/python tools/torch_reference.py --worker '{"variant": "S/16", "batch": 32, ...}'
+    /work/goldens-venv/bin/python tools/goldens/torch_reference.py --worker '{"variant": "S/16", "batch": 32, ...}'
     stdin:  "eager 2" | "compile 2" | "forward 2" | "forward_compile 2" | "quit"   stdout: one JSON line per command
     (eager / compile: train steps; forward / forward_compile: the encoder's inference forward, CLS + mean pooling)
 
 `--check` prints versions and whether torch.compile works on this CPU. `--kernels '{"rows": 520, "width": 512,
 "hidden": 2048, "tokens": 65, "heads": 16, "repeats": 20}'` prints the median milliseconds of the decoder block's
 kernels (GELU, LayerNorm, softmax, attention fused (SDPA) and unfused, the batched QK^T matmul, the MLP's three
-GEMMs) and of a 2048^3 matmul, at 1 and 2 threads (see `tools/profile_train_step.py`).
+GEMMs) and of a 2048^3 matmul, at 1 and 2 threads (see `tools/perf/profile_train_step.py`).
 """
+
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import make_goldens as mg  # noqa: E402  (registers the torchvision placeholder, imports timm and torch)
-
-import torch  # noqa: E402
+import make_goldens as mg  # noqa: I001  (first: registers the torchvision placeholder, imports timm and torch)
+import torch
 
 WIDTHS = {"mu": (64, 3, 2), "Ti": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
 
@@ -35,10 +33,20 @@ def geometry(spec: dict) -> dict:
     """Benchmark spec {variant 'S/16', img, chans, mask_ratio, dec_width, dec_depth, dec_heads} -> make_goldens geom."""
     size, patch = spec["variant"].split("/")
     width, depth, heads = WIDTHS[size]
-    return dict(img=spec.get("img", 256), patch=int(patch), chans=spec.get("chans", 6), width=width,
-                depth=spec.get("depth", depth), heads=heads, mlp_ratio=4, dec_width=spec.get("dec_width", 512),
-                dec_depth=spec.get("dec_depth", 8), dec_heads=spec.get("dec_heads", 16),
-                mask_ratio=spec.get("mask_ratio", 0.75), fourier_weight=0.01)
+    return dict(
+        img=spec.get("img", 256),
+        patch=int(patch),
+        chans=spec.get("chans", 6),
+        width=width,
+        depth=spec.get("depth", depth),
+        heads=heads,
+        mlp_ratio=4,
+        dec_width=spec.get("dec_width", 512),
+        dec_depth=spec.get("dec_depth", 8),
+        dec_heads=spec.get("dec_heads", 16),
+        mask_ratio=spec.get("mask_ratio", 0.75),
+        fourier_weight=0.01,
+    )
 
 
 def mae_loss(mae, x, noise, geom):
@@ -55,7 +63,7 @@ def mae_loss(mae, x, noise, geom):
     target = mg.patchify(x, geom["patch"])
     rec = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
     b, n, k = pred.shape
-    s = int(n ** 0.5)
+    s = int(n**0.5)
     ft = (torch.fft.fft2(pred.reshape(b, k, s, s)).abs() - torch.fft.fft2(target.reshape(b, k, s, s)).abs()).abs()
     w = geom["fourier_weight"]
     return (1 - w) * rec + w * ft.mean()
@@ -158,8 +166,7 @@ def worker(spec: dict) -> None:
                 times.append(time.perf_counter() - t)
             print(json.dumps({"cmd": cmd, "times": times, "warmup_s": warm}), flush=True)
         except Exception as e:  # reported to the parent, which records "not available"
-            print(json.dumps({"cmd": cmd, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}),
-                  flush=True)
+            print(json.dumps({"cmd": cmd, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}), flush=True)
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -198,18 +205,23 @@ def kernel_cases(spec: dict) -> dict:
             for x in qkv:
                 x.grad = None
             fn(*qkv).sum().backward()
+
         return run
 
     def unfused(q, k, v):
-        return ((q * hd ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        return ((q * hd**-0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
 
-    return {"gelu": lambda: F.gelu(hid), "gelu_fwd_bwd": gelu_fwd_bwd,
-            "layer_norm": lambda: F.layer_norm(act, (spec["width"],), eps=1e-6),
-            "softmax": lambda: scores.softmax(-1),
-            "attention_fwd_bwd": attn_fwd_bwd(F.scaled_dot_product_attention),
-            "attention_unfused_fwd_bwd": attn_fwd_bwd(unfused),
-            "batched_qk": lambda: qb @ qb.transpose(1, 2),
-            "mlp_gemms": lambda: (F.linear(act, w1), hid @ w1, hid.t() @ act), "matmul_2048": lambda: a @ a}
+    return {
+        "gelu": lambda: F.gelu(hid),
+        "gelu_fwd_bwd": gelu_fwd_bwd,
+        "layer_norm": lambda: F.layer_norm(act, (spec["width"],), eps=1e-6),
+        "softmax": lambda: scores.softmax(-1),
+        "attention_fwd_bwd": attn_fwd_bwd(F.scaled_dot_product_attention),
+        "attention_unfused_fwd_bwd": attn_fwd_bwd(unfused),
+        "batched_qk": lambda: qb @ qb.transpose(1, 2),
+        "mlp_gemms": lambda: (F.linear(act, w1), hid @ w1, hid.t() @ act),
+        "matmul_2048": lambda: a @ a,
+    }
 
 
 def kernels(spec: dict) -> dict:
@@ -231,6 +243,7 @@ def main(argv=None) -> int:
         worker(json.loads(argv[1]))
         return 0
     import timm
+
     print(json.dumps({"torch": torch.__version__, "timm": timm.__version__}))
     return 0
 

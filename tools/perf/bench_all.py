@@ -1,11 +1,12 @@
 """Run every CPU benchmark with small-but-meaningful settings; one summary table + bench_out/summary.json.
 
-    python tools/bench_all.py                     # <= 10 min on an idle 2-core host
-    python tools/bench_all.py --only=train,maps   # a subset
+    python tools/perf/bench_all.py                     # <= 10 min on an idle 2-core host
+    python tools/perf/bench_all.py --only=train,maps   # a subset
 
 Each benchmark runs as its own process (fresh JAX runtime, its own time limit); its JSON goes to bench_out/ and
 the last lines it printed (its table, with its ratios) are repeated in the summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,34 +17,56 @@ import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 OUT = ROOT / "bench_out"
 BENCHES = {
     # the issue-size comparison (256 px, batch 32, with torch.compile) takes ~30 min on 2 cores: see
     # docs/performance.md; here the same S/16 and B/16 steps at 128 px, batch 8, eager PyTorch, 3 interleaved rounds
-    "train": ["tools/bench_train.py", "--variants=S/16,B/16", "--crop=128", "--batch=8", "--rounds=3", "--steps=2",
-              "--no-torch-compile", f"--json={OUT}/train.json"],
-    "data": ["tools/bench_data.py", "--images=64", "--store-images=16", "--batches=6", "--threads", "1", "4",
-             f"--json={OUT}/data.json"],
-    "maps": ["tools/bench_maps.py", "--genes=2000", "--skip-genome", f"--out={OUT}/maps.json"],
+    "train": [
+        "tools/perf/bench_train.py",
+        "--variants=S/16,B/16",
+        "--crop=128",
+        "--batch=8",
+        "--rounds=3",
+        "--steps=2",
+        "--no-torch-compile",
+        f"--json={OUT}/train.json",
+    ],
+    "data": [
+        "tools/perf/bench_data.py",
+        "--images=64",
+        "--store-images=16",
+        "--batches=6",
+        "--threads",
+        "1",
+        "4",
+        f"--json={OUT}/data.json",
+    ],
+    "maps": ["tools/perf/bench_maps.py", "--genes=2000", "--skip-genome", f"--out={OUT}/maps.json"],
     # inference: every-block extraction vs final block only vs the PyTorch reference forward (+ linear probes)
-    "infer": ["tools/bench_probe.py", "--repeats=3", "--json", f"{OUT}/infer.json"],
-    "curation": ["tools/bench_curation.py", "--wells=20000", "--perturbations=200", "--quick", "--permutations=200",
-                 f"--json={OUT}/curation.json"],
+    "infer": ["tools/perf/bench_probe.py", "--repeats=3", "--json", f"{OUT}/infer.json"],
+    "curation": [
+        "tools/perf/bench_curation.py",
+        "--wells=20000",
+        "--perturbations=200",
+        "--quick",
+        "--permutations=200",
+        f"--json={OUT}/curation.json",
+    ],
 }
 
 
 def run_one(name: str, limit_s: int) -> dict:
     t = time.perf_counter()
     try:
-        r = subprocess.run([sys.executable, *BENCHES[name]], cwd=ROOT, capture_output=True, text=True,
-                           timeout=limit_s)
-        rc, out = r.returncode, r.stdout + ("\n" + r.stderr.strip().splitlines()[-1] if r.returncode and
-                                             r.stderr.strip() else "")
+        r = subprocess.run([sys.executable, *BENCHES[name]], cwd=ROOT, capture_output=True, text=True, timeout=limit_s)
+        rc, out = (
+            r.returncode,
+            r.stdout + ("\n" + r.stderr.strip().splitlines()[-1] if r.returncode and r.stderr.strip() else ""),
+        )
     except subprocess.TimeoutExpired as e:
         rc, out = 124, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-    return {"name": name, "rc": rc, "wall_s": round(time.perf_counter() - t, 1),
-            "tail": out.strip().splitlines()[-12:]}
+    return {"name": name, "rc": rc, "wall_s": round(time.perf_counter() - t, 1), "tail": out.strip().splitlines()[-12:]}
 
 
 def main(argv=None) -> int:
@@ -54,8 +77,8 @@ def main(argv=None) -> int:
     OUT.mkdir(exist_ok=True)
     load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?"
     rows = [run_one(n.strip(), args.limit_s) for n in args.only.split(",")]
-    sys.path.insert(0, str(ROOT))
     from vitally_jax.fileio import atomic_path
+
     with atomic_path(OUT / "summary.json") as tmp:
         pathlib.Path(tmp).write_text(json.dumps({"load_start": load, "rows": rows}, indent=1))
     for r in rows:
