@@ -35,3 +35,20 @@ def tool_main(name: str):
     import runpy
 
     return runpy.run_path(str(ROOT / "tools" / f"{name}.py"))["main"]
+
+
+def wait_all(procs, timeout: float) -> list[str]:
+    """Wait for subprocesses started together (stdout piped, text); kill stragglers; assert each exited 0.
+
+    Returns their outputs."""
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return logs

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import wait_all
 
 from vitally_jax import checkpoint as ckpt
 from vitally_jax import config_lib, sharding, train
@@ -52,16 +53,7 @@ def two_process_run(tmp_path_factory):
         )
         for i in range(2)
     ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=600)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    wait_all(procs, timeout=600)
     outs = [json.loads((tmp / f"out{i}.json").read_text()) for i in range(2)]
     return tmp, outs
 

@@ -151,6 +151,7 @@ if __name__ == "__main__":
 # ------------------------------------------------------------------------------------------------------------
 
 import pytest  # noqa: E402
+from conftest import wait_all  # noqa: E402
 
 from vitally_jax import checkpoint as ckpt  # noqa: E402
 from vitally_jax.cli import run_cli  # noqa: E402
@@ -180,16 +181,7 @@ def run_two_processes(args: dict) -> None:
         )
         for i in range(2)
     ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    wait_all(procs, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ Subpackages: `models` (architectures), `data` (stores, pipelines, synthetic scre
 
 from __future__ import annotations
 
-import importlib
+from vitally_jax.lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -34,11 +34,4 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'vitally_jax' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

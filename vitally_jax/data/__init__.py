@@ -12,7 +12,7 @@ Modules: `store` (the zarr + Parquet image store), `pipeline` (Grain training cr
 
 from __future__ import annotations
 
-import importlib
+from vitally_jax.lazy import lazy_names
 
 _LAZY = {
     "ImageStore": "vitally_jax.data.store",
@@ -41,11 +41,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'vitally_jax.data' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -18,7 +18,7 @@ shaped keys. `tools/convert_weights.py` is the command-line front end.
 
 from __future__ import annotations
 
-import importlib
+from vitally_jax.lazy import lazy_names
 
 _LAZY = {
     "read_state_dict": "vitally_jax.interop.readers",
@@ -47,11 +47,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'vitally_jax.interop' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

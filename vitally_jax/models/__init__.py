@@ -10,7 +10,7 @@ building blocks and MAE masking), `preprocess` (self-standardisation). Names are
 
 from __future__ import annotations
 
-import importlib
+from vitally_jax.lazy import lazy_names
 
 _LAZY = {
     "ViTConfig": "vitally_jax.models.vit",
@@ -31,11 +31,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'vitally_jax.models' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
