@@ -28,7 +28,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 TOTAL = 40  # the tiny config's length: the compiled step is shared with the other training tests
 FIRST = 3  # steps of the first run (1 process)
