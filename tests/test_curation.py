@@ -312,24 +312,11 @@ def test_image_quality_flags_blank_saturated_and_blurred():
 
 
 def test_store_curation_writes_index_and_report(tmp_path):
-    from vitally_jax.data.store import ImageStore, write_store
+    from vitally_jax.data.store import METADATA_COLUMNS, ImageStore, write_store
 
     meta, emb, active = simulate(n_genes=12, n_exp=3, plates=1, reps=4, n_ctrl=8, seed=12)
     meta = meta.assign(well_row=0, well_col=0, site=0, guide_id="", concentration=np.nan)
-    meta = meta[
-        list(cu.REQUIRED[:4])
-        + [
-            "well_row",
-            "well_col",
-            "site",
-            "perturbation",
-            "perturbation_type",
-            "guide_id",
-            "concentration",
-            "is_control",
-            "control_type",
-        ]
-    ]
+    meta = meta[list(METADATA_COLUMNS)]
     rng = np.random.default_rng(13)
     imgs = ndimage.gaussian_filter(
         rng.integers(0, 200, (len(meta), 16, 16, 2)).astype(float), sigma=(0, 1, 1, 0)

@@ -427,14 +427,14 @@ def test_killed_overwrite_leaves_the_previous_store_readable(tmp_path):
     )
     old = ImageStore.open(out).read_many(0, len(ImageStore.open(out)))
     proc = subprocess.Popen(
-        args + ["--overwrite", "--set", "n_genes=40", "image_size=64"],
+        args + ["--overwrite", "--set", "n_genes=200", "image_size=64"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 240
     while time.time() < deadline and not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
         time.sleep(0.01)  # the rewrite has started once its temporary folder exists
-    time.sleep(0.2)
+    time.sleep(0.1)  # well inside the write: the exchange comes only after every image is written
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     st = ImageStore.open(out)
@@ -469,3 +469,24 @@ def test_demo_stage_folder_of_a_user_is_refused(tmp_path):
     (d / "x.txt").write_text("stage output\n")
     fresh_dir(tmp_path / "ours", "other fingerprint")  # its own folder of another configuration: started afresh
     assert sorted(p.name for p in d.iterdir()) == [".demo_fingerprint"]
+
+
+def test_swap_in_without_exchange_keeps_a_users_dot_old_folder(tmp_path, monkeypatch):
+    """Where renameat2 is missing, the two-rename fallback parks the old artefact under a fresh name of its own."""
+    monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+    old, new = tmp_path / "a", tmp_path / "b"
+    (old / "x").mkdir(parents=True)
+    (new / "y").mkdir(parents=True)
+    before = user_folder(tmp_path / ".a.old")  # a user's folder with the name a naive fallback would use
+    fileio.swap_in(new, old)
+    assert sorted(p.name for p in old.iterdir()) == ["y"]
+    assert snapshot(tmp_path / ".a.old") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.old", "a"]
+
+
+def test_export_encoder_leaves_a_foreign_partial_folder_alone(world, tmp_path):
+    enc, cfg, _ = load_encoder(world["encoder"])
+    before = user_folder(tmp_path / ".e.partial")
+    with pytest.raises(OutputError, match="not a partial encoder export"):
+        export_encoder(tmp_path / "e", nnx.state(enc), cfg)
+    assert snapshot(tmp_path / ".e.partial") == before and not (tmp_path / "e").exists()

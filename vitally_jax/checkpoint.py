@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import shutil
 from collections.abc import Mapping
@@ -47,7 +48,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from vitally_jax.errors import CheckpointError, ConfigError
+from vitally_jax.errors import CheckpointError, ConfigError, OutputError
 
 log = logging.getLogger("vitally_jax.checkpoint")
 
@@ -326,9 +327,11 @@ def export_encoder(
         vit_cfg = dataclasses.replace(vit_cfg, depth=num_blocks)
     readout = {"blocks": range(1, vit_cfg.depth + 1), **dict(readout or {})}
     readout = _readout(vit_cfg.depth, readout, "readout")
-    tmp = path.with_name(f".{path.name}.partial")  # ours: a hidden name no user chooses
+    tmp = path.with_name(f".{path.name}.partial")  # one name every process agrees on
+    if tmp.exists() and not set(os.listdir(tmp)) <= {"params", "encoder.json"}:
+        raise OutputError(f"{tmp}: holds files that are not a partial encoder export; refusing to touch it")
     if jax.process_index() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted export of ours (params/, encoder.json at most)
         tmp.mkdir(parents=True)
     multihost_utils.sync_global_devices("export_encoder:start")
     with ocp.StandardCheckpointer() as ckptr:

@@ -292,12 +292,10 @@ def swap_in(tmp: pathlib.Path, path: pathlib.Path) -> None:
     elif _exchange(tmp, path):
         shutil.rmtree(tmp)  # `tmp` now holds the previous artefact
     else:
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)
+        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)) / "old"
+        os.replace(path, old)  # a fresh name of our own: nothing of anyone else's is in the way
         os.replace(tmp, path)
-        shutil.rmtree(old)
+        shutil.rmtree(old.parent)
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from vitally_jax.data.render import PHENOTYPE_DIM, Imaging, Renderer
-from vitally_jax.data.store import KIND, write_store
+from vitally_jax.data.store import KIND, METADATA_COLUMNS, write_store
 from vitally_jax.errors import ConfigError
 from vitally_jax.fileio import atomic_path, check_output
 
@@ -300,22 +300,7 @@ def make_layout(cfg: SyntheticConfig, genes: pd.DataFrame, pheno: np.ndarray, co
                     rec, zz = ("POSITIVE_CONTROL", "control", "", np.nan, True, "positive"), pos_dir
                 records.append((f"{plate}_{name}_s1", f"{plate}_{name}", plate, exp, row + 1, col + 1, 1) + rec)
                 z.append(zz)
-    cols = [
-        "image_id",
-        "well_id",
-        "plate",
-        "experiment",
-        "well_row",
-        "well_col",
-        "site",
-        "perturbation",
-        "perturbation_type",
-        "guide_id",
-        "concentration",
-        "is_control",
-        "control_type",
-    ]
-    return pd.DataFrame(records, columns=cols), np.asarray(z, np.float32)
+    return pd.DataFrame(records, columns=list(METADATA_COLUMNS)), np.asarray(z, np.float32)
 
 
 def make_imaging(cfg: SyntheticConfig, meta: pd.DataFrame) -> Imaging:
