@@ -94,3 +94,23 @@ def test_map_raises_without_replicates():
     x = np.random.default_rng(0).normal(size=(6, 4))
     with pytest.raises(BenchmarkInputError, match="positive pair"):
         mapk.phenotypic_activity(x, labels=["DMSO", "DMSO", "A", "B", "C", "D"], control_key="DMSO")
+
+
+def test_blocked_ap_stays_within_documented_memory_bound():
+    """Peak allocations (tracemalloc) of all-vs-all AP <= 8*N*D + 12*B*N + 8*B*D + 96*N (mapk docstring), and the
+    per-block term really scales with the block size."""
+    import tracemalloc
+
+    n, d = 3000, 64
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d))
+    groups = np.arange(n) // 4
+    peaks = {}
+    for b in (100, 400):
+        tracemalloc.start()
+        out = mapk.average_precisions(x, groups, block_rows=b)
+        peaks[b] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peaks[b] <= 8 * n * d + 12 * b * n + 8 * b * d + 96 * n
+        assert out.average_precision.notna().all()
+    assert (peaks[400] - peaks[100]) / (300 * n) > 10  # ~12 bytes per extra (query, column) of the block

@@ -24,6 +24,7 @@ from vitally_jax.benchmarks.cluster import cluster_benchmark
 from vitally_jax.benchmarks.compound import compound_gene_activity, compound_gene_scores
 from vitally_jax.benchmarks.consistency import signal_consistency
 from vitally_jax.benchmarks.cosine import cosine_matrix
+from vitally_jax.benchmarks.hierarchical import hierarchical_fdr
 from vitally_jax.benchmarks.magnitude import signal_magnitude
 from vitally_jax.benchmarks.mapk import (
     average_precisions,
@@ -31,6 +32,8 @@ from vitally_jax.benchmarks.mapk import (
     phenotypic_activity,
     phenotypic_consistency,
 )
+from vitally_jax.benchmarks.multilabel import multilabel_average_precisions, multilabel_consistency
+from vitally_jax.benchmarks.normalized import expected_average_precision, normalized_average_precision
 from vitally_jax.benchmarks.recall import THRESHOLDS, SortedNull, known_relationship_recall
 from vitally_jax.benchmarks.replicate import replicate_consistency
 from vitally_jax.benchmarks.report import BenchmarkReport
@@ -65,6 +68,11 @@ __all__ = [
     "mean_average_precision",
     "phenotypic_activity",
     "phenotypic_consistency",
+    "hierarchical_fdr",
+    "multilabel_average_precisions",
+    "multilabel_consistency",
+    "expected_average_precision",
+    "normalized_average_precision",
     "replicate_consistency",
     "BenchmarkReport",
     "benchmark",

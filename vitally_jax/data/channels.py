@@ -10,9 +10,10 @@ Canonical order (index: name, stain, what it shows):
 5 Golgi  wheat-germ agglutinin      Golgi and plasma membrane (absent in 5-channel JUMP data)
 
 Stores keep the canonical names of the channels they hold, in canonical order: RxRx1 / RxRx3 (w1..w6) give all
-six; JUMP cpg0016 gives DNA, ER, Actin, RNA, Mito. `conform` turns any store's channels into a requested
-canonical list (e.g. a 6-channel model on 5-channel JUMP data: the missing Golgi channel is filled with zeros
-only when asked to), so 5- and 6-channel data map predictably.
+six; JUMP cpg0016 gives DNA, ER, Actin, RNA, Mito (the JUMP pilot's Phenix files number them ch5, ch4, ch1,
+ch3, ch2: source `phenix-jump`). `conform` turns any store's channels into a requested canonical list (e.g. a
+6-channel model on 5-channel JUMP data: the missing Golgi channel is filled with zeros only when asked to), so
+5- and 6-channel data map predictably.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ SOURCES: dict[str, dict[str, str]] = {
     "rxrx": {"1": "DNA", "2": "ER", "3": "Actin", "4": "RNA", "5": "Mito", "6": "Golgi"},
     # JUMP cpg0016 load_data: FileName_Orig<name>
     "jump": {"DNA": "DNA", "ER": "ER", "AGP": "Actin", "RNA": "RNA", "Mito": "Mito"},
+    # Phenix file names of the JUMP pilot (cpg0000, source_4): r01c01f01p01-ch<k>sk1fk1fl1.tiff
+    "phenix-jump": {"ch5": "DNA", "ch4": "ER", "ch1": "Actin", "ch3": "RNA", "ch2": "Mito"},
     # stores written by this package (and the synthetic screen) already use canonical names
     "canonical": {c: c for c in CANONICAL},
 }
