@@ -3,27 +3,19 @@
     python -m vitally_jax.main --config=configs/demo.py                      # 2 CPU cores, <= 15 min
     python -m vitally_jax.main --config=configs/demo.py --workdir=runs/mine  # another output folder
     python -m vitally_jax.main --config=configs/demo.py:ci                   # shrunken end-to-end run (CI)
+    python -m vitally_jax.main --config=configs/demo.py:ablation             # curated vs uncurated, 2 seeds each
 
 No downloads: the synthetic Cell Painting screen is generated into WORKDIR/screen. Outputs: WORKDIR/report.html
 (self-contained), WORKDIR/results.json, WORKDIR/results.csv. Rerunning reuses finished stages
 (WORKDIR/stages/*.json); `--config.force=pretrain,embed` reruns named stages and everything after them.
 
-The report's "Findings" table checks the paper's claims on the run's own numbers: the trained MAE should beat a
-random-init ViT of the same size on known-relationship recall (CORUM, StringDB) and on probe accuracy, and
-TVN-aligned maps should beat unaligned ones on recall. The probe stage picks the pooling used for every encoder's
-maps (`probe.pooling` lists the candidates; the trained model's probe decides).
+The report measures every representation against the same ceilings (the oracle of true process activations, the
+visible oracle, chance) and baselines (image statistics, statistics of the self-standardised crops, CellProfiler
+measurements, a random-init ViT at its own best readout), and tests the paper's claims with intervals: a claim
+holds only where its interval excludes zero. This file quotes no results: read them in the report of your run.
 
-Measured with this config (mu/8 encoder: width 64, 3 blocks, patch 8 on 64x64 crops of near-confluent 128x128
-fields; 2,600 AdamW steps of 64 crops, loss 1.25 -> 0.79; 11.8 min wall on 2 cores, 9.7 of them pretraining):
-the MAE's probe prefers mean pooling; at b* with TVN maps the trained MAE beats the random-init ViT on CORUM
-recall (0.194 vs 0.126), StringDB (0.190 vs 0.113), the gene-group probe (0.47 vs 0.23) and the perturbation probe
-(0.018 vs 0.011, both near chance: 2-3 wells per class), and TVN beats unaligned (0.147 vs 0.135). Both encoders
-stay far below the image-statistics baseline (gene groups 0.77): self-standardised crops remove this world's
-per-channel intensity phenotypes, which the baseline reads directly. The encoder comparison depends on the
-readout: the MAE's probe chose mean pooling by a hair (0.245 vs 0.239 for CLS + norm), and with CLS pooling the
-random-init ViT reaches 0.61-0.62 on the gene-group probe, above the MAE at any pooling (best 0.475); the report's
-pooling-sensitivity table shows this for every run. With the paper's Lion, or 320 steps of a wider model, the MAE
-never leaves the predict-the-mean plateau (loss ~1.0) and loses to random init at every pooling.
+`:ablation` pretrains on the curated and on the uncurated training set at equal steps, two seeds each, and
+reports the difference with intervals (WORKDIR/ablation/report.html); `:ablation,ci` is its shrunken form.
 """
 
 import ml_collections
@@ -33,15 +25,21 @@ from vitally_jax.errors import ConfigError
 
 
 def get_config(arg=None):
-    """`arg`: None (full demo) or "ci"/"smoke" (everything shrunk for a <= 3 min end-to-end run)."""
-    arg = (arg or "").strip()
-    if arg not in ("", "ci", "smoke"):
-        raise ConfigError(f"configs/demo.py: unknown argument {arg!r}; expected nothing, 'ci' or 'smoke'")
-    small = arg in ("ci", "smoke")
+    """`arg`: None (full demo), "ci"/"smoke" (everything shrunk for a <= 3 min end-to-end run), "ablation" or
+    "ablation,ci" (curated vs uncurated training set, 2 seeds each)."""
+    parts = [a.strip() for a in (arg or "").split(",") if a.strip()]
+    bad = [a for a in parts if a not in ("ci", "smoke", "ablation")]
+    if bad:
+        raise ConfigError(
+            f"configs/demo.py: unknown argument {','.join(bad)!r}; expected nothing, 'ci', 'smoke', 'ablation' "
+            "or 'ablation,ci'"
+        )
+    small = "ci" in parts or "smoke" in parts
+    ablation = "ablation" in parts
 
     c = ml_collections.ConfigDict()
     c.job = "demo"
-    c.workdir = "./runs/demo-ci" if small else "./runs/demo"  # used when --workdir is not given
+    c.workdir = "./runs/demo" + ("-ablation" if ablation else "") + ("-ci" if small else "")  # without --workdir
     c.seed = 0
     c.force = ""  # comma-separated stage names to rerun even if finished (and everything after them)
 
@@ -50,6 +48,14 @@ def get_config(arg=None):
     c.screen.store = None  # an existing store folder to use instead of generating one
     c.screen.preset = "tiny" if small else "demo"
     c.screen.overrides = ml_collections.ConfigDict()  # field -> value, applied to the preset
+
+    # The world's declared keys (docs/world.md), applied after the preset and screen.overrides; set them from the
+    # command line, e.g. --config.world.seed=7 --config.world.image_size=96 (checked before anything is written).
+    c.world = ml_collections.ConfigDict()
+    c.world.seed = 0  # seed of the biology, the layout, the batch effects, the artefacts and the pixels
+    c.world.image_size = 64 if small else 128  # field size in pixels (square); at least the crop
+    c.world.n_genes = 48 if small else 300
+    c.world.n_experiments = 4 if small else 6
 
     # Curation (vitally_jax.curation.CurationConfig fields) on image-statistics embeddings.
     c.curate = ml_collections.ConfigDict()
@@ -61,12 +67,33 @@ def get_config(arg=None):
     c.curate.n_permutations = 200 if small else 1000
     c.curate.alpha = 0.05
     c.curate.quality = True
+    # image-quality thresholds (CurationConfig): blank below this max channel std (uint8 units), saturated above
+    # this fraction of a channel's pixels at 255, out of focus below this ratio of the plate's median sharpness,
+    # debris above this fraction of pixels bright in every channel at once
+    c.curate.blank_max_contrast = 4.0
+    c.curate.saturated_max_fraction = 0.1
+    c.curate.focus_min_ratio = 0.3
+    c.curate.debris_min_cobright = 0.001
+
+    # Baselines computed in the same run (vitally_jax.demo.baselines).
+    c.baselines = ml_collections.ConfigDict()
+    c.baselines.cellprofiler = True  # nuclei + cells segmented with scikit-image, measured with cp_measure
+    c.baselines.cp_features = "sizeshape,intensity"  # cp_measure feature sets (texture costs ~2x more)
+    c.baselines.cp_max_cells = 6 if small else 12  # cells measured per image (seeded subset; median per image)
+    c.baselines.cp_workers = 2  # processes measuring images in parallel (the demo's 2 cores)
+    c.baselines.dna_channel = "DNA"  # nuclei are segmented on this channel
+    c.baselines.cyto_channel = "Actin"  # cells are grown from the nuclei on this channel
+
+    # Ablation (configs/demo.py:ablation): curated vs uncurated training set at equal steps, these seeds each.
+    c.ablation = ml_collections.ConfigDict()
+    c.ablation.enabled = ablation
+    c.ablation.seeds = "0,1"
 
     # Pretraining: a complete trainer config (config_lib.build), trained on WORKDIR/screen + the curated index.
     t = config_lib.build(
         dict(
             variant="mu/8",
-            total_steps=2600,
+            total_steps=1200,
             global_batch=64,
             peak_lr=1.5e-3,
             drop_path_rate=0.0,
@@ -76,19 +103,22 @@ def get_config(arg=None):
         None,
     )
     t.model.in_chans = 6
-    # encoder: mu/8 (width 64, 3 blocks, patch 8) with LayerScale starting at 0.1 (as CaiT does for shallow ViTs)
-    # so that the blocks contribute early (1e-4 keeps them near identity for hundreds of steps)
-    t.model.width = 64
-    t.model.depth = 3
+    # encoder: width 48, 6 blocks (deep enough to ask whether an intermediate block beats the last), patch 8, with
+    # LayerScale starting at 0.1 (as CaiT does for shallow ViTs) so that the blocks contribute early (1e-4 keeps
+    # them near identity for hundreds of steps)
+    t.model.width = 48
+    t.model.depth = 6
     t.model.num_heads = 2
-    t.model.mlp_dim = 256
+    t.model.mlp_dim = 192
     t.model.init_values = 0.1
+    # per-patch normalised targets (the MAE paper's norm_pix_loss): the loss cannot be lowered by predicting a
+    # patch's mean brightness alone, so more of it rests on texture and shape inside the patch
+    t.model.norm_pix_loss = True
     t.model.decoder_depth = 1  # the decoder sees all 64 tokens: keep it light, spend the compute on the encoder
     t.model.decoder_width = 64
     t.model.decoder_heads = 2
-    # AdamW, not the paper's Lion: at this size and step count Lion's fixed-size sign steps never leave the
-    # predict-the-mean plateau (loss ~1.0 after 320 steps; on a sanity task the PyTorch reference MAE sits on the
-    # same plateau), while AdamW leaves it after ~600 steps. Small steps, many of them: 2,600 x 64 crops.
+    # AdamW, not the paper's Lion: at this size and step count Lion's fixed-size sign steps stay on the
+    # predict-the-mean plateau, while AdamW leaves it within a few hundred steps.
     t.optax.name = "adamw"
     t.input.crop = 64
     t.input.in_memory = True  # the demo screen (~250 MB) fits in memory: crops become numpy slices
@@ -96,10 +126,12 @@ def get_config(arg=None):
     t.checkpoint.keep = 1
     t.checkpoint.export_encoder = True
     t.log.every_steps = 100
-    t.log.recon_every_steps = 1000
+    t.log.recon_every_steps = 500
     t.log.recon_images = 2
     t.log.tensorboard = False
     if small:
+        t.model.width = 32
+        t.model.mlp_dim = 64
         t.model.decoder_width = 32
         t.input.crop = 32
         t.input.global_batch = 32
@@ -116,17 +148,19 @@ def get_config(arg=None):
     c.embed.batch_size = 64 if small else 256
     c.embed.random_seed = 1  # seed of the random-init baseline encoder
 
-    # Probe sweep (vitally_jax.probes.sweep).
+    # Probes (vitally_jax.demo.probe): every pooling and block of both encoders; each encoder's readout is chosen
+    # on one half of the experiments and every reported score comes from the other half.
     c.probe = ml_collections.ConfigDict()
-    # the pooling probed and mapped: "cls" | "cls_norm" | "mean" | "mean_norm", or a list: each is probed and the
-    # one with the trained model's best probe accuracy at b* is used for every encoder's maps
-    c.probe.pooling = "mean" if small else "mean,cls_norm"
-    c.probe.backend = "sklearn" if small else "jax"  # "jax" (all blocks in one vmapped solve) | "sklearn"
-    c.probe.test_fraction = 0.25
-    c.probe.folds = 3 if small else 5
-    c.probe.group_min_size = 3 if small else 5  # functional gene groups: disjoint CORUM complexes of this many
+    # candidate poolings (each must be in embed.poolings)
+    c.probe.pooling = "cls,mean" if small else "cls,cls_norm,mean,mean_norm"
+    c.probe.backend = "jax"  # "jax" (all blocks in one vmapped solve) | "sklearn"
+    c.probe.test_fraction = 0.25  # perturbation probe: share of the experiments held out
+    c.probe.folds = 3  # gene-group probe: stratified folds over genes
+    c.probe.select_seeds = 2 if small else 3  # CV seeds on the selection half
+    c.probe.cv_seeds = 3 if small else 5  # CV seeds on the evaluation half (mean +- SD)
+    c.probe.group_min_size = 3  # functional gene groups: disjoint CORUM complexes of this many
     c.probe.group_max_size = 20  # ... to this many screened genes
-    c.probe.b_star_task = "mean"  # which task's b* picks the block for maps: "mean" | "perturbation" | "gene_groups"
+    c.probe.max_groups = 40
 
     # Maps and benchmarks (vitally_jax.benchmarks).
     c.bench = ml_collections.ConfigDict()
@@ -134,6 +168,9 @@ def get_config(arg=None):
     c.bench.batch_col = "experiment"  # the unit of batch effect that alignment corrects, per batch
     c.bench.pca_components = 0  # 0 = all components
     c.bench.sources = "CORUM,HuMAP,Reactome,SIGNOR,StringDB"
-    c.bench.compound_seeds = 5 if small else 100
-    c.bench.map_permutations = 100 if small else 1000
+    c.bench.compound_seeds = 5 if small else 50
+    c.bench.map_permutations = 100 if small else 500
+    c.bench.bootstrap_sources = "CORUM,StringDB"  # per-pair hits kept for paired bootstrap intervals
+    c.bench.bootstrap = 200 if small else 2000  # bootstrap resamples
+    c.bench.primary_alignment = "tvn"  # the alignment of the encoder comparisons in the findings
     return c

@@ -29,6 +29,16 @@ def repo_root() -> pathlib.Path:
     return ROOT
 
 
+@pytest.fixture(scope="session")
+def shrunken_demo(tmp_path_factory):
+    """The shrunken demo (configs/demo.py:ci) run once per session: (config, stage outputs, run folder)."""
+    from vitally_jax import config_lib, demo
+
+    config = config_lib.load("demo", "ci")
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    return config, demo.run_pipeline(config, run_dir), run_dir
+
+
 def tool_main(name: str):
     """The `main(argv)` of the command line tools/<name>.py, run from its file as `python tools/<name>.py` would
     (no sys.path changes; tests import library code from the package only)."""

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vitally_jax import config_lib
 from vitally_jax.demo import html as R
 from vitally_jax.demo.stages import StageRunner
 
@@ -98,98 +97,175 @@ def test_report_figures_decode_and_tables_are_finite(tmp_path):
     assert pd.read_csv(tmp_path / "results.csv")["recall"].tolist() == [0.5]
 
 
-def test_findings_compare_trained_and_random():
-    summary = pd.DataFrame(
-        [
-            {"model_key": "mae_bstar", "alignment": "tvn", "recall CORUM": 0.4, "recall StringDB": 0.2},
-            {"model_key": "random_init", "alignment": "tvn", "recall CORUM": 0.2, "recall StringDB": 0.25},
-            {"model_key": "mae_bstar", "alignment": "unaligned", "recall CORUM": 0.1, "recall StringDB": 0.1},
-        ]
-    )
-    sweep = pd.DataFrame(
-        [
-            {"source": "model", "task": "perturbation", "block": 2, "score": 0.5},
-            {"source": "random_init", "task": "perturbation", "block": 1, "score": 0.3},
-            {"source": "random_init", "task": "perturbation", "block": 2, "score": 0.6},
-        ]
-    )
-    from vitally_jax.demo.report import demo_findings
+def test_findings_verdicts_follow_the_intervals():
+    """Findings: verdicts from paired bootstrap intervals; the depth rule; a closed gap makes the comparison with
+    baselines untestable; the curation row asks for the ablation."""
+    from vitally_jax.demo.findings import findings_table
 
-    f = demo_findings(summary, sweep, b_star=2)
-    assert f["holds"].tolist() == [True, False, False, True]
-    assert f["value"].tolist() == [0.4, 0.2, 0.5, pytest.approx(0.3)]
+    rng = np.random.default_rng(0)
+    n = 400
+    strong = rng.random(n) < 0.6
+    weak = rng.random(n) < 0.2
+    hits = {
+        "mae_bstar__tvn__CORUM": strong,
+        "random_init__tvn__CORUM": weak,
+        "mae_last__tvn__CORUM": strong.copy(),
+        "image_stats__tvn__CORUM": strong | (rng.random(n) < 0.5),
+        "mae_bstar__unaligned__CORUM": strong,
+        "mae_bstar__pca_centerscale__CORUM": strong,
+    }
+    groups = np.repeat([f"g{k}" for k in range(20)], 5)
+    good, bad = (rng.random(100) < 0.8).astype(float), (rng.random(100) < 0.3).astype(float)
+    correct = pd.DataFrame({"group": groups, "model|mean|2": good, "model|mean|6": good, "random_init|cls|3": bad})
+    correct["image_stats||0"] = good
+    readouts = {"model": {"pooling": "mean", "block": 2}, "random_init": {"pooling": "cls", "block": 3}}
+    ceil = pd.DataFrame({"metric": ["recall CORUM"], "headroom": [0.5]})
+    f = findings_table(hits, correct, readouts, ceil, depth=6, primary="tvn", n_boot=500)
+    v = dict(zip(f["claim"] + " / " + f["metric"], f["verdict"]))
+    assert v["trained MAE beats a random-init ViT (each at its own readout) / CORUM recall"] == "holds"
+    assert v["trained MAE beats a random-init ViT (each at its own readout) / gene-group probe"] == "holds"
+    # identical maps: a zero-width interval at 0 is not resolved
+    assert v["an intermediate block b* beats the last block / CORUM recall"] == "not resolved"
+    assert v["trained MAE beats image statistics / CORUM recall"] == "fails"
+    assert v["trained MAE beats CellProfiler features / CORUM recall"] == "not testable here"
+    cur = f[f["claim"].str.startswith("curating")]
+    assert cur["verdict"].tolist() == ["not testable here"] and "demo.py:ablation" in cur["note"].iloc[0]
+    row = f[f["claim"].str.contains("random-init") & (f["metric"] == "CORUM recall")].iloc[0]
+    assert row["lo"] < row["difference"] < row["hi"]
+    assert row["difference"] == pytest.approx(strong.mean() - weak.mean(), abs=1e-12)
+    # a shallow encoder cannot test b*; a closed gap makes the baseline comparisons untestable
+    f3 = findings_table(hits, correct, readouts, ceil.assign(headroom=0.95), depth=3, primary="tvn", n_boot=200)
+    v3 = dict(zip(f3["claim"] + " / " + f3["metric"], f3["verdict"]))
+    assert v3["an intermediate block b* beats the last block / CORUM recall"] == "not testable at this depth"
+    assert v3["trained MAE beats image statistics / CORUM recall"] == "not testable in this world"
+    assert "holds" not in " ".join(f3["note"])  # no headline count of holding claims
+    # headroom is per metric: a closed CORUM gap leaves the gene-group comparison testable
+    ceil2 = pd.DataFrame({"metric": ["recall CORUM", "gene-group probe"], "headroom": [0.95, 0.4]})
+    f4 = findings_table(hits, correct, readouts, ceil2, depth=6, primary="tvn", n_boot=200)
+    v4 = dict(zip(f4["claim"] + " / " + f4["metric"], f4["verdict"]))
+    assert v4["trained MAE beats image statistics / CORUM recall"] == "not testable in this world"
+    assert v4["trained MAE beats image statistics / gene-group probe"] == "not resolved"  # same per-gene scores
+    # the selection half chose the last block: its best intermediate block is still compared with the last
+    last = {**readouts, "model": {"pooling": "mean", "block": 6}}
+    correct5 = correct.assign(**{"model|mean|6": bad})
+    cv = pd.DataFrame(
+        [
+            {"source": "model", "split": "select", "pooling": "mean", "block": b, "seed": 0, "score": sc}
+            for b, sc in ((1, 0.1), (2, 0.3), (6, 0.5))
+        ]
+    )
+    f5 = findings_table(hits, correct5, last, ceil, depth=6, primary="tvn", n_boot=500, cv=cv)
+    r5 = f5[f5["claim"].str.startswith("an intermediate") & (f5["metric"] == "gene-group probe")].iloc[0]
+    assert r5["verdict"] == "holds" and "(2, mean)" in r5["note"]  # block 2 is good on the evaluation half
+    assert r5["difference"] == pytest.approx(good.mean() - bad.mean(), abs=0.05)
+    r5m = f5[f5["claim"].str.startswith("an intermediate") & (f5["metric"] == "CORUM recall")].iloc[0]
+    assert r5m["verdict"] == "fails" and np.isnan(r5m["difference"])
+
+
+def test_ceilings_and_headroom():
+    from vitally_jax.demo.findings import ceilings_table
+
+    rows = []
+    for model, align, val in [
+        ("oracle", "unaligned", 0.6),
+        ("oracle_visible", "unaligned", 0.5),
+        ("image_stats", "tvn", 0.3),
+        ("image_stats", "pca_centerscale", 0.35),
+        ("crop_stats", "tvn", 0.2),
+        ("mae_bstar", "tvn", 0.25),
+        ("random_init", "tvn", 0.15),
+    ]:
+        rows.append({"model_key": model, "alignment": align, "recall CORUM": val})
+    gg = pd.DataFrame({"source": ["model", "random_init", "image_stats", "oracle"], "mean": [0.3, 0.2, 0.4, 0.9]})
+    t = ceilings_table(pd.DataFrame(rows), gg, 20, primary="tvn", labels={"image_stats": "image statistics"})
+    c = t.set_index("metric").loc["recall CORUM"]
+    assert c["best non-learned baseline"] == "image statistics" and c["its value"] == 0.35  # best alignment
+    assert c["headroom"] == pytest.approx((0.35 - 0.1) / (0.6 - 0.1))
+    g = t.set_index("metric").loc["gene-group probe"]
+    assert g["chance"] == pytest.approx(0.05) and g["headroom"] == pytest.approx((0.4 - 0.05) / (0.9 - 0.05))
 
 
 # ------------------------------------------------------------------------------------- the demo end to end
 @pytest.mark.slow
-def test_shrunken_demo_end_to_end(tmp_path, repo_root, capsys):
+def test_shrunken_demo_end_to_end(shrunken_demo, capsys):
     from vitally_jax import demo
-    from vitally_jax.demo import probe as demo_probe
 
-    config = config_lib.load("demo", "ci")
-    out = demo.run_pipeline(config, tmp_path / "run")
-    report = tmp_path / "run" / "report.html"
+    config, out, run_dir = shrunken_demo
+    report = run_dir / "report.html"
     assert report.is_file() and out["report"]["report"] == str(report)
 
-    # C: every number in the report's tables and in results.json is finite
+    # every number in the report's tables and in results.json is finite where it is defined
     cells = R.report_numeric_cells(report)
     assert len(cells) > 100
-    assert all(math.isfinite(float(c)) for c in cells), [c for c in cells if not math.isfinite(float(c))]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
     rows = results["results"]
-    assert len(rows) == 4 * 3  # 4 models x 3 alignments
+    models = {r["model"] for r in rows}
+    assert len(models) == 8  # MAE b*, MAE last, random init, 3 baselines, 2 ceilings
+    assert len(rows) == 6 * 3 + 2  # encoders and baselines x 3 alignments, ceilings unaligned
     for row in rows:
-        for k, v in row.items():
-            if k not in ("model", "alignment"):
-                assert isinstance(v, (int, float)) and math.isfinite(v), (row["model"], k, v)
-    # the readout check: every stored pooling probed for both encoders, the maps' pooling marked once per task
-    sens = pd.read_parquet(tmp_path / "run" / "probe" / "pooling_sensitivity.parquet")
-    assert set(sens["pooling"]) == {"cls", "cls_norm", "mean", "mean_norm"}
-    assert set(sens[sens["used for the maps"]]["pooling"]) == {config.probe.pooling}
-    assert sens[["trained MAE (best block)", "random-init ViT (best block)"]].notna().all().all()
-    # the multi-pooling path probes the encoders first and adds the baseline after: probing sources apart and
-    # merging must give exactly the table of probing them together
-    pool = config.probe.pooling
-    apart = demo_probe._merge_tables(
-        demo_probe._probe_table(config, out, pool, sources=("mae", "random_init")),
-        demo_probe._probe_table(config, out, pool, sources=("image_stats",)),
-    )
-    pd.testing.assert_frame_equal(apart, demo_probe._probe_table(config, out, pool))
-    assert list(apart["source"].unique()) == ["model", "random_init", "image_stats"]
-    table = pd.read_csv(tmp_path / "run" / "results.csv")
-    assert {"recall CORUM", "recall StringDB", "compound-gene AP", "mAP activity", "probe perturbation"} <= set(table)
-    assert set(table["alignment"]) == {"unaligned", "pca_centerscale", "tvn"}
-    assert ((table["recall CORUM"] >= 0) & (table["recall CORUM"] <= 1)).all()
-    assert 1 <= results["b_star_used"] <= config_depth(tmp_path / "run")
+        assert 0 <= row["recall CORUM"] <= 1 and math.isfinite(row["mAP activity"])
+    # ceilings, headroom, the per-process table, the findings with intervals and verdicts
+    ceil = pd.DataFrame(results["ceilings"]).set_index("metric")
+    assert {"recall CORUM", "gene-group probe"} <= set(ceil.index)
+    assert (ceil["oracle"] > ceil["chance"]).all()
+    assert ceil["headroom"].map(math.isfinite).all()
+    dec = pd.DataFrame(results["decoding"])
+    from vitally_jax.data.synthetic import PROCESSES
 
-    # D: every image in the report decodes and is not blank; the report has all the promised figures
+    assert dec["process"].tolist() == list(PROCESSES)
+    assert (dec.drop(columns=["process", "visible"]) <= 1.0).all().all()
+    sens = pd.DataFrame(results["sensitivity"])
+    assert sens["visible"].sum() >= len(PROCESSES) // 2  # most of the world's biology survives standardisation
+    f = pd.DataFrame(results["findings"])
+    assert set(f["verdict"]) <= {
+        "holds",
+        "fails",
+        "not resolved",
+        "not testable here",
+        "not testable in this world",
+        "not testable at this depth",
+    }
+    tested = f[f["verdict"].isin(["holds", "fails", "not resolved"])]
+    assert len(tested) >= 6 and (tested["lo"] <= tested["difference"]).all()
+    assert (tested["difference"] <= tested["hi"]).all()
+    for claim in ("random-init", "intermediate block", "image statistics", "CellProfiler", "TVN", "curating"):
+        assert f["claim"].str.contains(claim).any(), claim
+    gg = pd.DataFrame(results["gene_groups"])
+    assert (gg["seeds"] == config.probe.cv_seeds).all() and (gg["sd"] >= 0).all()
+    qc = results["curation_check"]
+    assert 0 <= qc["quality_precision"] <= 1 and 0 <= qc["quality_recall"] <= 1
+    # readouts of both encoders come from the same rule on the selection half
+    for src in ("model", "random_init"):
+        r = results["readouts"][src]
+        assert r["pooling"] in config.probe.pooling.split(",") and 1 <= r["block"] <= results["depth"]
+
     images = R.report_images(report)
-    assert len(images) >= 7  # montage, curves, reconstructions, probe curves, 2 recall charts, stage times
+    assert len(images) >= 7
     for im in images:
         assert im.size[0] > 50 and im.size[1] > 50
         assert np.asarray(im.convert("L"), np.float32).std() > 0
     text = report.read_text()
     for heading in (
         "Findings",
+        "Ceilings and headroom",
+        "Which biology each representation reads",
         "The screen",
+        "Curation of the training set",
         "Pretraining",
         "Block search",
         "Maps and benchmarks",
         "Run time per stage",
         "Versions and configuration",
     ):
-        assert f"<h2>{heading}</h2>" in text
+        assert f"<h2>{heading}</h2>" in text, heading
     assert "http://" not in text and "https://" not in text  # self-contained
+    assert " of " + str(len(f)) + " " not in text  # no "N of N hold" headline
 
     # a rerun reuses every finished stage
     capsys.readouterr()
-    demo.run_pipeline(config, tmp_path / "run")
+    demo.run_pipeline(config, run_dir)
     log = capsys.readouterr().out
     assert log.count(": reused") == len(demo.STAGES) and ": running" not in log
-
-
-def config_depth(run_dir):
-    return json.loads((run_dir / "stages" / "embed.json").read_text())["outputs"]["depth"]
 
 
 def test_in_memory_training_crops_match_store_reads(tmp_path):

@@ -92,8 +92,20 @@ def test_biology_and_batch_effects_in_pixels(screen):
     v0, genes0 = gene_map(feats, meta, align=False)
     r_cx_unaligned = known_relationship_recall(v0, genes0, complexes)
     print(f"recall all pairs {r_all:.3f}, complex pairs {r_cx:.3f}, unaligned complex pairs {r_cx_unaligned:.3f}")
-    assert r_all > 0.18 and r_cx > 0.4
+    # chance is 0.10 (two 5% tails); most of the world's processes are spatial, which per-channel image statistics
+    # of 64 px fields read only in part, so the bar is well above chance, not near the ground truth
+    assert r_cx > 0.2
     assert r_cx > r_cx_unaligned + 0.1  # batch effects hurt an unaligned map
+    # the ground truth (truth.parquet) through the same map: the ceiling, far above the image statistics
+    truth = pd.read_parquet(path / "truth.parquet")
+    assert (truth.image_id.to_numpy() == meta.image_id.to_numpy()).all()
+    proc = truth.filter(like="proc_").to_numpy()
+    is_gene = (meta.perturbation_type == "gene").to_numpy()
+    df = pd.DataFrame(proc[is_gene]).groupby(meta.perturbation[is_gene].to_numpy()).mean()
+    o_all = known_relationship_recall(df.to_numpy(), list(df.index), world)
+    o_cx = known_relationship_recall(df.to_numpy(), list(df.index), complexes)
+    print(f"ground truth: recall all pairs {o_all:.3f}, complex pairs {o_cx:.3f}")
+    assert o_cx > r_cx + 0.1 and o_all > 0.18
     # control wells: different experiments differ more than wells within one experiment
     x = np.log1p(feats[(meta.control_type == "negative").to_numpy()].astype(np.float64))
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
@@ -103,6 +115,12 @@ def test_biology_and_batch_effects_in_pixels(screen):
     within, between = d[same & off].mean(), d[~same].mean()
     print(f"control distance within {within:.2f}, between experiments {between:.2f}")
     assert between > 1.5 * within
+    # head-room: with the screen's own gains, fields without artefacts have almost no pixel at 255
+    clean = np.flatnonzero((pd.read_parquet(path / "truth.parquet").artefact == "none").to_numpy())
+    imgs = st.read_many(0, len(meta))[clean]
+    sat = (imgs == 255).mean(axis=(0, 1, 2))
+    print("share of pixels at 255 per channel:", np.round(sat, 5))
+    assert sat.max() <= 0.005 and ((imgs == 255).mean(axis=(1, 2)).max(1) > 0.05).mean() <= 0.01
 
 
 def test_deterministic_and_partial_render():
@@ -119,8 +137,8 @@ def test_deterministic_and_partial_render():
 
 
 def test_phenotype_moves_statistics():
-    """A strong nucleus-size / DNA phenotype is visible in simple DNA statistics."""
-    from vitally_jax.data.render import Imaging, Renderer
+    """A strong nuclear-size phenotype is visible in simple DNA statistics."""
+    from vitally_jax.data.render import PHENOTYPE_DIM, PROCESSES, Imaging, Renderer
 
     r = Renderer(64, 6.0, 14, seed=0)
     b = 16
@@ -130,8 +148,8 @@ def test_phenotype_moves_statistics():
             for k, s in enumerate([(b, 6), (b, 6), (b, 2), b, b, b, b])
         )
     )
-    z = np.zeros((2 * b, 12), np.float32)
-    z[b:, 0] = 2.5  # bigger nuclei
+    z = np.zeros((2 * b, PHENOTYPE_DIM), np.float32)
+    z[b:, PROCESSES.index("nuclear_size")] = 2.5  # bigger nuclei
     imgs = np.concatenate(
         [r.render(z[:b], im, np.random.default_rng(0)), r.render(z[b:], im, np.random.default_rng(1))]
     )

@@ -188,3 +188,60 @@ def check_store(config, workdir: str | pathlib.Path) -> None:
 
     size = synthetic.preset(config.input.synthetic).image_size
     check_crop(config, (size, size), f"the synthetic screen {config.input.synthetic!r}")
+
+
+# the demo's declared world keys (configs/demo.py `world`): key -> (SyntheticConfig field, kind)
+WORLD_KEYS: dict[str, tuple[str, object]] = {
+    "seed": ("seed", "nonneg_int"),
+    "image_size": ("image_size", "pos_int"),
+    "n_genes": ("n_genes", "pos_int"),
+    "n_experiments": ("n_experiments", "pos_int"),
+}
+WORLD_IMAGE_SIZES = (32, 1024)  # the renderer is exercised at 64-256 px
+
+
+def check_world(config, prefix: str = "config."):
+    """The demo's synthetic world: config.screen.preset + config.screen.overrides + the declared keys of
+    config.world (`WORLD_KEYS`, a key set to None keeps the preset's value), checked; returns the
+    `SyntheticConfig`. `world.image_size` changes the field, not the cells: the expected cell count scales with
+    the field's area (unless screen.overrides sets cells_per_image). Each failure is one `ConfigError` line
+    naming the key."""
+    from vitally_jax.data import synthetic
+
+    over: dict = {}
+    ov = config.screen.get("overrides") if hasattr(config.screen, "get") else None
+    ov = ov.to_dict() if hasattr(ov, "to_dict") else dict(ov or {})
+    for k, v in ov.items():
+        if k not in synthetic.SyntheticConfig.__dataclass_fields__:
+            raise ConfigError(f"{prefix}screen.overrides.{k}: not a field of the synthetic world (SyntheticConfig)")
+        over[k] = tuple(v) if isinstance(v, list) else v
+    world = config.get("world") if hasattr(config, "get") else None
+    for key, value in world.items() if world is not None else ():
+        if key not in WORLD_KEYS:
+            raise ConfigError(f"{prefix}world.{key}: unknown key; expected one of {', '.join(WORLD_KEYS)}")
+        if value is None:
+            continue
+        field, kind = WORLD_KEYS[key]
+        if kind == "nonneg_int":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ConfigError(f"{prefix}world.{key}: {_show(value)}; expected an integer >= 0")
+        else:
+            check_value(world, key, kind, prefix=f"{prefix}world.")
+        over[field] = int(value)
+    size = over.get("image_size")
+    lo, hi = WORLD_IMAGE_SIZES
+    if size is not None and not lo <= size <= hi:
+        raise ConfigError(f"{prefix}world.image_size: {size}; expected an integer in [{lo}, {hi}]")
+    try:
+        base = synthetic.preset(config.screen.preset)
+        if size is not None and "cells_per_image" not in ov:  # a larger field at the same cell density
+            over["cells_per_image"] = base.cells_per_image * (size / base.image_size) ** 2
+        cfg = synthetic.preset(config.screen.preset, **over)
+        synthetic.build_world_check(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}world: {e}") from None
+    crops = [("train.input.crop", _lookup(config, "train.input.crop")), ("embed.crop", _lookup(config, "embed.crop"))]
+    for key, (found, crop) in crops:
+        if found and isinstance(crop, numbers.Integral) and crop > cfg.image_size:
+            raise ConfigError(f"{prefix}world.image_size: {cfg.image_size}; expected at least {prefix}{key} ({crop})")
+    return cfg

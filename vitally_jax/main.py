@@ -78,8 +78,10 @@ def _run() -> int:
 
     if config.job == "train":
         config_checks.check_values(config)
-    else:  # the demo's trainer config
+    else:  # the demo's trainer config and its synthetic world
         config_checks.check_values(config.train, prefix="config.train.")
+        if not config.screen.store:
+            config_checks.check_world(config)
     try:
         _init_distributed()
     except (KeyError, ValueError) as e:

@@ -103,6 +103,9 @@ class CurationConfig:
     saturated_max_fraction: float = 0.05
     focus_min_ratio: float = 0.25
     focus_min: float | None = None
+    # debris if more than this fraction of the pixels is above the 95th percentile of every channel at once
+    # (the `cobright` measure; None = no debris flag)
+    debris_min_cobright: float | None = None
 
     def __post_init__(self):
         for name in ("keep_positive_controls", "keep_negative_controls"):
@@ -130,12 +133,15 @@ class CurationResult:
     """`index`: kept metadata rows (column `image_id` first); `report`: counts after each step;
     `perturbations`: one row per non-control perturbation that passed steps 1-2 (n_wells, n_experiments,
     `p_<set>` combined p per embedding set, kept, dropped_at: '', 'min_replicates' or 'consistency');
-    `tests`: one row per (embedding set, perturbation, experiment) consistency test."""
+    `tests`: one row per (embedding set, perturbation, experiment) consistency test; `quality_flags`: the
+    image-quality flags (blank, saturated, out_of_focus) of every input image, aligned with the input rows (None
+    when the image-quality step was skipped)."""
 
     index: pd.DataFrame
     report: dict
     perturbations: pd.DataFrame
     tests: pd.DataFrame
+    quality_flags: pd.DataFrame | None = None
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -162,8 +168,9 @@ def _counts(meta: pd.DataFrame, keep: np.ndarray) -> dict:
 
 
 def quality_flags(metadata: pd.DataFrame, quality: pd.DataFrame, config: CurationConfig) -> pd.DataFrame:
-    """Boolean `blank`, `saturated`, `out_of_focus` per image from measures aligned with the metadata rows
-    (`contrast`, `saturation`, `focus`, as from `curation_stats.image_quality`). The focus threshold is relative
+    """Boolean `blank`, `saturated`, `out_of_focus` (and `debris` when `debris_min_cobright` is set) per image
+    from measures aligned with the metadata rows (`contrast`, `saturation`, `focus`, `cobright`, as from
+    `curation_stats.image_quality`). The focus threshold is relative
     to the median focus of the non-blank images of the same plate."""
     for c in ("contrast", "saturation", "focus"):
         if c not in quality.columns:
@@ -180,7 +187,13 @@ def quality_flags(metadata: pd.DataFrame, quality: pd.DataFrame, config: Curatio
     oof = focus < config.focus_min_ratio * np.nan_to_num(plate_median, nan=0.0)
     if config.focus_min is not None:
         oof |= focus < config.focus_min
-    return pd.DataFrame({"blank": blank, "saturated": saturated & ~blank, "out_of_focus": oof & ~blank & ~saturated})
+    flags = pd.DataFrame({"blank": blank, "saturated": saturated & ~blank, "out_of_focus": oof & ~blank & ~saturated})
+    if config.debris_min_cobright is not None:
+        if "cobright" not in quality.columns:
+            raise DataError("image quality table: missing column 'cobright' (needed by debris_min_cobright)")
+        debris = q["cobright"].to_numpy() > config.debris_min_cobright
+        flags["debris"] = debris & ~flags.to_numpy().any(axis=1)
+    return flags
 
 
 def undersample_controls(wells: pd.DataFrame, config: CurationConfig) -> np.ndarray:
@@ -332,6 +345,7 @@ def curate(
     steps.append({"step": "missing_metadata", "removed_images": int(miss.sum()), **_counts(meta, keep)})
 
     # 2. image quality
+    flags = None
     if quality is not None:
         flags = quality_flags(meta, quality, config)
         removed = {k: int((flags[k].to_numpy() & keep).sum()) for k in flags.columns}
@@ -427,7 +441,9 @@ def curate(
     index = index[["image_id"] + [c for c in index.columns if c != "image_id"]]
     report = {"config": dataclasses.asdict(config), "steps": steps}
     tests_df = pd.concat(tests, ignore_index=True) if tests else pd.DataFrame(columns=["embedding", *_TEST_COLUMNS])
-    return CurationResult(index=index, report=report, perturbations=per.reset_index(), tests=tests_df)
+    return CurationResult(
+        index=index, report=report, perturbations=per.reset_index(), tests=tests_df, quality_flags=flags
+    )
 
 
 def _align(df: pd.DataFrame, vals: np.ndarray, metadata: pd.DataFrame, source: str) -> np.ndarray:

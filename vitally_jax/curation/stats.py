@@ -33,7 +33,9 @@ def image_quality(images: np.ndarray) -> dict[str, np.ndarray]:
     Returns float64 arrays of shape (B,):
       `contrast`   max over channels of the per-channel pixel standard deviation (0 for a blank image);
       `saturation` max over channels of the fraction of pixels at 255;
-      `focus`      mean over channels of the variance of the 4-neighbour Laplacian (low = out of focus).
+      `focus`      mean over channels of the variance of the 4-neighbour Laplacian (low = out of focus);
+      `cobright`   the fraction of pixels that are above their channel's 95th percentile in every channel at once
+                   (autofluorescent debris is bright in all channels; stained structures are not).
     """
     x = np.asarray(images)
     if x.ndim != 4 or x.shape[1] < 3 or x.shape[2] < 3:
@@ -42,24 +44,29 @@ def image_quality(images: np.ndarray) -> dict[str, np.ndarray]:
     contrast = np.empty(b)
     saturation = np.empty(b)
     focus = np.empty(b)
+    cobright = np.empty(b)
     for i in range(b):  # one image at a time keeps float copies small for 2048x2048 wells
         img = x[i].astype(np.float32)
         contrast[i] = img.reshape(-1, c).std(axis=0, dtype=np.float64).max()
         saturation[i] = (x[i] == 255).reshape(-1, c).mean(axis=0).max()
         lap = (img[:-2, 1:-1] + img[2:, 1:-1] + img[1:-1, :-2] + img[1:-1, 2:]) - 4.0 * img[1:-1, 1:-1]
         focus[i] = lap.reshape(-1, c).var(axis=0, dtype=np.float64).mean()
-    return {"contrast": contrast, "saturation": saturation, "focus": focus}
+        flat = img.reshape(-1, c)
+        q95 = np.quantile(flat, 0.95, axis=0)
+        cobright[i] = (flat > np.maximum(q95, flat.min(axis=0))).all(axis=1).mean()
+    return {"contrast": contrast, "saturation": saturation, "focus": focus, "cobright": cobright}
 
 
 def store_quality(store, batch_size: int = 32) -> pd.DataFrame:
     """`image_quality` of every image of an `ImageStore`, read `batch_size` images at a time.
 
-    Returns a DataFrame (N rows, aligned with `store.metadata`) with columns contrast, saturation, focus.
+    Returns a DataFrame (N rows, aligned with `store.metadata`) with columns contrast, saturation, focus,
+    cobright.
     """
     import pandas as pd
 
     n = len(store)
-    cols: dict[str, list] = {"contrast": [], "saturation": [], "focus": []}
+    cols: dict[str, list] = {"contrast": [], "saturation": [], "focus": [], "cobright": []}
     for start in range(0, n, max(1, int(batch_size))):
         q = image_quality(store.read_many(start, min(n, start + batch_size)))
         for k in cols:

@@ -2,6 +2,8 @@
 
 World model (all deterministic from `SyntheticConfig.seed`):
 
+- The biology is a list of processes (`PROCESSES`, written down with their mechanisms in `docs/world.md`):
+  a well's phenotype is a vector of process activations in z units, rendered by `render.py`.
 - Genes are real symbols. Phenotype programs are real CORUM complexes (3..`max_complex_size` genes, chosen
   without overlap): every gene of a complex shares the complex's random phenotype direction. Complexes are
   grouped into pathways whose (weaker) direction is added to all their genes. Extra genes from the other
@@ -13,10 +15,15 @@ World model (all deterministic from `SyntheticConfig.seed`):
   has `replicates` wells in different experiments; every plate has >= `control_fraction` negative-control wells
   (and a few positive controls) at random positions.
 - Batch effects per experiment (and smaller per plate): per-channel gain and offset, illumination gradient and
-  vignetting, defocus blur, cell density and cell size; wells on the plate edge have fewer, brighter cells.
+  vignetting, defocus blur, cell density and cell size, staining efficiency per channel in the nucleus and
+  in the cytoplasm; wells on the plate edge have fewer, brighter cells.
+- Artefacts per image (out of focus, debris, empty field) at the configured rates, independent of the biology.
 
 `generate_screen(path, cfg)` writes a store (`store.py`) plus the ground truth: `genes.parquet`,
-`compound_targets.parquet` (RxRx3-core form: compound, gene, concentration in nM), `world_pairs.parquet`.
+`compound_targets.parquet` (RxRx3-core form: compound, gene, concentration in nM), `world_pairs.parquet`, and
+`truth.parquet` (per image: the well's true process activations `proc_<name>` and the `artefact`).
+`render_probe(cfg, z, gain=...)` renders control-background fields with chosen activations at fixed batch
+effects (for sensitivity checks of a readout).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from vitally_jax.data.render import PHENOTYPE_DIM, Imaging, Renderer
+from vitally_jax.data.render import ARTEFACTS, PHENOTYPE_DIM, PROCESSES, Imaging, Renderer, neutral_imaging
 from vitally_jax.data.store import KIND, METADATA_COLUMNS, write_store
 from vitally_jax.errors import ConfigError
 from vitally_jax.fileio import atomic_path, check_output
@@ -41,6 +48,7 @@ CHANNEL_NAMES = ("DNA", "ER", "Actin", "RNA", "Mito", "Golgi")
 PLATE_FORMATS = {96: (8, 12), 384: (16, 24), 1536: (32, 48)}
 NEGATIVE_CONTROL = "EMPTY"
 _RENDER_BATCH = 8
+WORLD_VERSION = 2  # the processes and mechanisms of docs/world.md; bumped whenever the pixels of a config change
 
 
 @dataclass(frozen=True)
@@ -69,12 +77,17 @@ class SyntheticConfig:
     knockout_efficiency_range: tuple[float, float] = (0.4, 1.0)
     phenotype_scale: float = 1.6  # norm of a program direction / sqrt(PHENOTYPE_DIM)
     well_noise: float = 0.35  # biological well-to-well variation (phenotype units)
+    penetrance: float = 0.85  # share of a well's cells that show its phenotype (the rest look like controls)
     gain_sigma: float = 0.35  # log-normal per experiment and channel
     offset_max: float = 16.0  # intensity units added per experiment and channel
     illumination: float = 0.3  # max relative illumination gradient across the field
     blur_max: float = 1.2  # max extra defocus sigma (pixels)
     density_sigma: float = 0.25
     size_sigma: float = 0.08
+    stain_sigma: float = 0.15  # log-normal staining efficiency per experiment, channel and compartment
+    out_of_focus_rate: float = 0.02  # artefacts: share of images
+    debris_rate: float = 0.015
+    empty_rate: float = 0.01
     plate_jitter: float = 0.25  # plate effects relative to experiment effects
     edge_effect: float = 0.15
     seed: int = 0
@@ -86,8 +99,7 @@ class SyntheticConfig:
 PRESETS = {
     # tests: ~250 images of 64x64
     "tiny": SyntheticConfig(),
-    # a CPU demo: ~2,600 wells at 128x128 in 6 experiments, near-confluent fields as in real Cell Painting,
-    # ~20 s to generate on 2 cores
+    # a CPU demo: ~2,600 wells at 128x128 in 6 experiments, dense fields as in real Cell Painting
     "demo": SyntheticConfig(
         n_genes=300,
         guides_per_gene=2,
@@ -125,6 +137,11 @@ def preset(name: str, **overrides) -> SyntheticConfig:
         raise ConfigError(f"synthetic preset {name!r}: {e}") from None
 
 
+def build_world_check(cfg: SyntheticConfig) -> None:
+    """`ConfigError` (one line naming the field) unless `cfg` describes a world `build_world` can make."""
+    _check(cfg)
+
+
 def _check(cfg: SyntheticConfig) -> None:
     if cfg.plate_format not in PLATE_FORMATS:
         raise ConfigError(f"plate_format {cfg.plate_format} not one of {sorted(PLATE_FORMATS)}")
@@ -134,6 +151,16 @@ def _check(cfg: SyntheticConfig) -> None:
         raise ConfigError(f"replicates {cfg.replicates} must be in [1, n_experiments={cfg.n_experiments}]")
     if cfg.n_genes < 4 or cfg.guides_per_gene < 1 or cfg.image_size < 16:
         raise ConfigError("n_genes >= 4, guides_per_gene >= 1 and image_size >= 16 are required")
+    if not (isinstance(cfg.penetrance, (int, float)) and 0.0 < cfg.penetrance <= 1.0):
+        raise ConfigError(f"penetrance {cfg.penetrance!r} must be a number in (0, 1]")
+    rates = {k: getattr(cfg, f"{k}_rate") for k in ARTEFACTS[1:]}
+    for k, r in rates.items():
+        if not (isinstance(r, (int, float)) and 0.0 <= r <= 0.5):
+            raise ConfigError(f"{k}_rate {r!r} must be a number in [0, 0.5]")
+    if sum(rates.values()) > 0.5:
+        raise ConfigError(f"artefact rates sum to {sum(rates.values()):g}; expected at most 0.5")
+    if not cfg.cell_radius * 2 < cfg.image_size:
+        raise ConfigError(f"cell_radius {cfg.cell_radius} must be below half the image_size {cfg.image_size}")
 
 
 # ----------------------------------------------------------------------------------------------- biology
@@ -331,13 +358,51 @@ def make_imaging(cfg: SyntheticConfig, meta: pd.DataFrame) -> Imaging:
     blur = rng.uniform(0, cfg.blur_max, n_e)[exp_idx]
     density = np.exp(per_exp_plate(cfg.density_sigma) - 2 * cfg.edge_effect * edge)
     size = np.exp(per_exp_plate(cfg.size_sigma))
+    stain = np.exp(per_exp_plate(cfg.stain_sigma, (6, 2)))  # channel x (nucleus, cytoplasm)
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-    return Imaging(f32(gain), f32(offset), f32(gradient), f32(vignette), f32(blur), f32(density), f32(size))
+    return Imaging(
+        f32(gain),
+        f32(offset),
+        f32(gradient),
+        f32(vignette),
+        f32(blur),
+        f32(density),
+        f32(size),
+        f32(stain),
+        make_artefacts(cfg, len(meta)),
+    )
+
+
+def make_artefacts(cfg: SyntheticConfig, n: int) -> np.ndarray:
+    """Artefact of each image (index into `ARTEFACTS`), drawn independently of the biology at the configured
+    rates."""
+    rng = np.random.default_rng((cfg.seed, 6))
+    rates = np.array([getattr(cfg, f"{k}_rate") for k in ARTEFACTS[1:]], np.float64)
+    probs = np.concatenate([[1.0 - rates.sum()], rates])
+    return rng.choice(len(ARTEFACTS), n, p=probs).astype(np.int64)
+
+
+def well_activations(cfg: SyntheticConfig, z: np.ndarray) -> np.ndarray:
+    """The wells' true process activations: the perturbation's phenotype `z` (N, P) plus biological
+    well-to-well variation (`well_noise`), deterministic by seed. This is what the renderer draws."""
+    rng = np.random.default_rng((cfg.seed, 7))
+    return (z + cfg.well_noise * rng.standard_normal(z.shape)).astype(np.float32)
+
+
+def truth_table(cfg: SyntheticConfig, meta: pd.DataFrame, z: np.ndarray, imaging: Imaging) -> pd.DataFrame:
+    """Ground truth per image, aligned with `meta`: image_id, well_id, proc_<name> (true activations, z units,
+    no batch effects), artefact."""
+    za = well_activations(cfg, z)
+    t = pd.DataFrame({"image_id": meta.image_id.to_numpy(), "well_id": meta.well_id.to_numpy()})
+    for k, name in enumerate(PROCESSES):
+        t[f"proc_{name}"] = za[:, k].astype(np.float64)
+    t["artefact"] = np.asarray(ARTEFACTS, dtype=object)[imaging.artefact]
+    return t
 
 
 # --------------------------------------------------------------------------------------------- rendering
 def _take(im: Imaging, sl: slice) -> Imaging:
-    return Imaging(*(getattr(im, f.name)[sl] for f in dataclasses.fields(Imaging)))
+    return Imaging(*(None if (v := getattr(im, f.name)) is None else v[sl] for f in dataclasses.fields(Imaging)))
 
 
 def render_wells(
@@ -349,7 +414,8 @@ def render_wells(
     *,
     threads: int | None = None,
 ):
-    """Yield uint8 images (S, S, 6) of wells start..stop-1, in order.
+    """Yield uint8 images (S, S, 6) of wells start..stop-1, in order. `z` is the perturbations' phenotypes
+    from `build_world`; the wells' biological variation is added here (`well_activations`).
 
     Wells are drawn in fixed batches of `_RENDER_BATCH`; batch k uses the generator (seed, 5, k), so a well
     renders identically whatever start/stop/threads. `threads` (default: CPU count, at most 4) render batches
@@ -358,14 +424,14 @@ def render_wells(
     from concurrent.futures import ThreadPoolExecutor
 
     stop = len(z) if stop is None else stop
-    rend = Renderer(cfg.image_size, cfg.cell_radius, cfg.cells_per_image, seed=cfg.seed)
-    rend.render(z[:1], _take(imaging, slice(0, 1)), np.random.default_rng(0))  # builds shared buffers once
+    za = well_activations(cfg, np.asarray(z, np.float32))
+    rend = Renderer(cfg.image_size, cfg.cell_radius, cfg.cells_per_image, seed=cfg.seed, penetrance=cfg.penetrance)
+    rend.render(za[:1], _take(imaging, slice(0, 1)), np.random.default_rng(0))  # builds shared buffers once
 
     def batch(b0: int) -> np.ndarray:
         b1 = min(b0 + _RENDER_BATCH, len(z))
         rng = np.random.default_rng((cfg.seed, 5, b0 // _RENDER_BATCH))
-        zb = z[b0:b1] + cfg.well_noise * rng.standard_normal(z[b0:b1].shape).astype(np.float32)
-        return rend.render(zb, _take(imaging, slice(b0, b1)), rng)
+        return rend.render(za[b0:b1], _take(imaging, slice(b0, b1)), rng)
 
     starts = list(range(start - start % _RENDER_BATCH, stop, _RENDER_BATCH))
     threads = threads or min(4, os.cpu_count() or 1)
@@ -390,10 +456,10 @@ def build_world(cfg: SyntheticConfig):
 
 
 def config_attrs(cfg: SyntheticConfig) -> dict:
-    """The world's settings as stored in the store's attrs (JSON types)."""
-    return json.loads(
-        json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()})
-    )
+    """The world's settings as stored in the store's attrs (JSON types), with the `WORLD_VERSION` of the
+    renderer: a store written by another version of the world compares unequal."""
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    return json.loads(json.dumps({**d, "world_version": WORLD_VERSION}))
 
 
 def generate_screen(
@@ -401,18 +467,44 @@ def generate_screen(
 ) -> pathlib.Path:
     """Generate a synthetic screen into the store folder `path` (atomically) and return the path.
 
-    Besides the store files, the folder gets genes.parquet, compound_targets.parquet and world_pairs.parquet.
+    Besides the store files, the folder gets genes.parquet, compound_targets.parquet, world_pairs.parquet and
+    truth.parquet (`truth_table`: one row per image, in the store's metadata order).
     An image store already at `path` is replaced only with `overwrite=True`; anything else there is refused.
     """
     if isinstance(cfg, str):
         cfg = preset(cfg)
     check_output(path, KIND, overwrite=overwrite)
     genes, _, world, targets, meta, z, imaging = build_world(cfg)
-    attrs = {"source": "synthetic", "generator": "vitally_jax.data.synthetic", "config": config_attrs(cfg)}
+    attrs = {
+        "source": "synthetic",
+        "generator": "vitally_jax.data.synthetic",
+        "config": config_attrs(cfg),
+    }
     path = pathlib.Path(path)
     with atomic_path(path, is_dir=True) as tmp:  # store and ground truth appear together or not at all
         write_store(tmp, render_wells(cfg, z, imaging), meta, CHANNEL_NAMES, attrs)
         genes.to_parquet(tmp / "genes.parquet", index=False)
         targets.to_parquet(tmp / "compound_targets.parquet", index=False)
         world.to_parquet(tmp / "world_pairs.parquet", index=False)
+        truth_table(cfg, meta, z, imaging).to_parquet(tmp / "truth.parquet", index=False)
     return path
+
+
+def render_probe(cfg: SyntheticConfig | str, z, *, gain=1.0, n: int = 8, seed: int = 0) -> np.ndarray:
+    """n uint8 images (n, S, S, 6) of a control background with process activations `z` ((P,) or (n, P), z
+    units, in `PROCESSES` order), fixed batch effects (flat field, constant offset, unit density, size and
+    staining, no blur), an optional per-channel `gain` multiplier (scalar or (6,)) and no artefacts. The cells
+    show `z` with the world's `penetrance`, as in a screen."""
+    if isinstance(cfg, str):
+        cfg = preset(cfg)
+    _check(cfg)
+    z = np.asarray(z, np.float32)
+    if z.ndim == 1:
+        z = np.broadcast_to(z, (n, z.shape[0]))
+    if z.shape != (n, PHENOTYPE_DIM):
+        raise ConfigError(f"render_probe z: shape {z.shape}; expected ({PHENOTYPE_DIM},) or ({n}, {PHENOTYPE_DIM})")
+    g = np.asarray(gain, np.float32)
+    if g.shape not in ((), (len(CHANNEL_NAMES),)) or not np.all(np.isfinite(g)) or np.any(g <= 0):
+        raise ConfigError(f"render_probe gain: {gain!r}; expected a positive number or {len(CHANNEL_NAMES)} of them")
+    rend = Renderer(cfg.image_size, cfg.cell_radius, cfg.cells_per_image, seed=cfg.seed, penetrance=cfg.penetrance)
+    return rend.render(z, neutral_imaging(n, g, offset=cfg.offset_max / 2), np.random.default_rng((cfg.seed, 8, seed)))

@@ -8,14 +8,20 @@ Stages (each prints progress and its wall time, writes its outputs atomically an
 everything after it):
 
   screen      generate the synthetic Cell Painting screen (if absent)
-  curate      Phenoprints-style curation of the training set (image-statistics embeddings)
+  curate      Phenoprints-style curation of the training set (image-statistics embeddings), with the quality
+              filter's precision and recall against the world's artefact ground truth
+  baselines   statistics of the self-standardised crops, CellProfiler measurements, the oracle (true process
+              activations) and the visible oracle (processes a self-standardised crop can see)
   pretrain    a small MAE on the curated crops
-  embed       every block of the trained MAE and of a random-init ViT of the same size; image statistics
-  probe       linear-probe sweep over blocks -> b*
-  maps        maps per model (MAE at b*, MAE last block, random-init ViT, image statistics) and alignment
-              (unaligned, PCA-center-scale, TVN)
-  benchmarks  recall per annotation source, replicate consistency, compound-gene activity, mAP
-  report      report.html (self-contained), results.json, results.csv
+  embed       every block and pooling of the trained MAE and of a random-init ViT of the same size
+  probe       gene-group probe (repeated CV) over every block and pooling of both encoders: each encoder's
+              readout chosen on one half of the experiments, scored on the other; perturbation probe per block
+  maps        maps per model (MAE at b* and at its last block, random-init ViT at its own readout, baselines,
+              ceilings) and alignment (unaligned, PCA-center-scale, TVN)
+  benchmarks  recall per annotation source (with per-pair hits for paired bootstrap intervals), replicate
+              consistency, compound-gene activity, mAP
+  report      report.html (self-contained), results.json, results.csv: ceilings, headroom, per-process decoding,
+              findings with intervals and verdicts
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import os
 import pathlib
 import time
 
+from vitally_jax.demo.baselines import stage_baselines
 from vitally_jax.demo.maps import stage_benchmarks, stage_maps
-from vitally_jax.demo.prepare import stage_curate, stage_embed, stage_pretrain, stage_screen
+from vitally_jax.demo.prepare import stage_curate, stage_embed, stage_pretrain, stage_screen, synthetic_config
 from vitally_jax.demo.probe import stage_probe
 from vitally_jax.demo.report import stage_report
 from vitally_jax.demo.stages import STAGES, StageRunner, _csv, _section, log
@@ -40,7 +47,18 @@ WORKDIR_KIND = "demo workdir"
 
 def run(config, workdir: str | os.PathLike | None = None) -> int:
     """Entry point for `vitally_jax.main` (job "demo"): run the pipeline into `workdir` (default
-    `config.workdir`); returns the exit status 0. Errors are `VitallyError`s with one-line messages."""
+    `config.workdir`); returns the exit status 0. Errors are `VitallyError`s with one-line messages. With
+    `ablation.enabled` (configs/demo.py:ablation), the curated-vs-uncurated ablation runs instead."""
+    if config.get("ablation") is not None and config.ablation.enabled:
+        from vitally_jax.demo.ablation import run_ablation
+
+        wd = pathlib.Path(workdir or config.workdir)
+        check_output(wd, WORKDIR_KIND, resume=True, inputs=[config.screen.store])
+        wd.mkdir(parents=True, exist_ok=True)
+        if folder_kind(wd) is None:
+            write_marker(wd, WORKDIR_KIND, created_by="vitally_jax.demo")
+        run_ablation(config, wd)
+        return 0
     run_pipeline(config, workdir)
     return 0
 
@@ -63,7 +81,20 @@ def run_pipeline(config, workdir: str | os.PathLike | None = None) -> dict:
     o: dict = {}
     o["screen"] = runner.run("screen", _section(config, "screen"), lambda: stage_screen(config, workdir))
     o["curate"] = runner.run(
-        "curate", _section(config, "curate"), lambda: stage_curate(config, workdir, o["screen"]["store"])
+        "curate",
+        {"curate": _section(config, "curate"), "crop": int(config.embed.crop)},
+        lambda: stage_curate(config, workdir, o["screen"]["store"]),
+    )
+    o["baselines"] = runner.run(
+        "baselines",
+        {"baselines": _section(config, "baselines"), "crop": int(config.embed.crop), "seed": config.seed},
+        lambda: stage_baselines(
+            config,
+            workdir,
+            o["screen"]["store"],
+            o["curate"],
+            synthetic_config(config) if o["screen"]["generated"] else None,
+        ),
     )
     o["pretrain"] = runner.run(
         "pretrain",

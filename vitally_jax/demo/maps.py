@@ -1,10 +1,13 @@
-"""The demo's maps and benchmarks: four models x three alignments, each scored like a real screen.
+"""The demo's maps and benchmarks: every model x three alignments, each scored like a real screen.
 
-Models: the trained MAE at b* and at its last block, a random-init ViT of the same architecture (last block),
-and the image-statistics baseline. Alignments: none, PCA-center-scale and TVN fitted on control wells per batch.
-Benchmarks per map: known-relationship recall per annotation source (and the synthetic world's own pairs),
-replicate consistency against pseudo-perturbations made of control wells, compound-gene activity (RxRx3-core
-style), and copairs-style mAP (phenotypic activity; consistency of CORUM complexes).
+Models: the trained MAE at b* and at its last block, a random-init ViT of the same architecture at its own
+chosen readout, the non-learned baselines (image statistics, statistics of the self-standardised crops,
+CellProfiler measurements) and the ceilings (oracle, visible oracle; unaligned: they carry no batch effect).
+Alignments: none, PCA-center-scale and TVN fitted on control wells per batch. Benchmarks per map:
+known-relationship recall per annotation source (and the synthetic world's own pairs, with the per-pair hits
+kept for paired bootstrap intervals), replicate consistency against pseudo-perturbations made of control wells,
+compound-gene activity (RxRx3-core style), and copairs-style mAP (phenotypic activity; consistency of CORUM
+complexes).
 """
 
 from __future__ import annotations
@@ -12,22 +15,46 @@ from __future__ import annotations
 import pathlib
 import time
 
-from vitally_jax.demo.stages import _csv, load_features, log, well_table
+from vitally_jax.demo.stages import _csv, log, well_table
 from vitally_jax.errors import ConfigError
 from vitally_jax.fileio import write_npy, write_parquet
 
-MODELS = ("mae_bstar", "mae_last", "random_init", "image_stats")
 ALIGN_METHODS = {"unaligned": "none", "pca_centerscale": "pca_centerscale", "tvn": "tvn"}
+ENCODER_MODELS = ("mae_bstar", "mae_last", "random_init")
 
 
-def model_labels(b_star: int, depth: int) -> dict[str, str]:
-    """Display names of the four models of the demo."""
-    return {
-        "mae_bstar": f"MAE block {b_star} (b*)",
-        "mae_last": f"MAE block {depth} (last)",
-        "random_init": f"random-init ViT block {depth}",
-        "image_stats": "image statistics",
+def model_picks(outputs: dict) -> dict[str, tuple[str, str | None, int]]:
+    """model key -> (representation, pooling, block): the MAE at its chosen readout and at its last block (same
+    pooling), the random-init ViT at its own chosen readout, then every baseline and ceiling the run has."""
+    from vitally_jax.demo.stages import BASELINES, CEILINGS
+
+    depth = int(outputs["embed"]["depth"])
+    r = outputs["probe"]["readouts"]
+    picks = {
+        "mae_bstar": ("mae", r["model"]["pooling"], int(r["model"]["block"])),
+        "mae_last": ("mae", r["model"]["pooling"], depth),
+        "random_init": ("random_init", r["random_init"]["pooling"], int(r["random_init"]["block"])),
     }
+    for name in (*BASELINES, *CEILINGS):
+        stage = {**BASELINES, **CEILINGS}[name][0]
+        if outputs.get(stage, {}).get(name):
+            picks[name] = (name, None, 0)
+    return picks
+
+
+def model_labels(outputs: dict) -> dict[str, str]:
+    """Display names of the demo's models."""
+    from vitally_jax.demo.stages import BASELINES, CEILINGS
+
+    depth = int(outputs["embed"]["depth"])
+    r = outputs["probe"]["readouts"]
+    labels = {
+        "mae_bstar": f"MAE block {r['model']['block']} (b*, {r['model']['pooling']})",
+        "mae_last": f"MAE block {depth} (last, {r['model']['pooling']})",
+        "random_init": f"random-init ViT block {r['random_init']['block']} ({r['random_init']['pooling']})",
+    }
+    labels.update({k: v[1] for k, v in {**BASELINES, **CEILINGS}.items()})
+    return labels
 
 
 def stage_maps(config, workdir: pathlib.Path, outputs: dict) -> dict:
@@ -35,18 +62,12 @@ def stage_maps(config, workdir: pathlib.Path, outputs: dict) -> dict:
     import numpy as np
 
     from vitally_jax.benchmarks.align import align
+    from vitally_jax.demo.stages import load_representation
 
-    feats = load_features(workdir, outputs, outputs["probe"].get("pooling", config.probe.pooling))
-    depth, b_star = int(outputs["embed"]["depth"]), int(outputs["probe"]["b_star_used"])
-    pick = {
-        "mae_bstar": ("mae", b_star),
-        "mae_last": ("mae", depth),
-        "random_init": ("random_init", depth),
-        "image_stats": ("image_stats", 0),
-    }
+    picks = model_picks(outputs)
     selected = {}
-    for model, (src, block) in pick.items():
-        blocks, f = feats[src]
+    for model, (src, pooling, block) in picks.items():
+        blocks, f = load_representation(outputs, src, pooling)
         selected[model] = f[list(blocks).index(block)][None]
     wells_f, wells = well_table(outputs["screen"]["store"], selected)
     out_dir = workdir / "maps"
@@ -57,19 +78,22 @@ def stage_maps(config, workdir: pathlib.Path, outputs: dict) -> dict:
         raise ConfigError(f"bench.alignments: unknown {bad}; expected some of {list(ALIGN_METHODS)}")
     n_comp = int(config.bench.pca_components) or None
     files = {}
-    for model in MODELS:
+    from vitally_jax.demo.stages import CEILINGS
+
+    for model in picks:
         x = wells_f[model][0].astype(np.float64)
-        for a in alignments:
+        # the true activations carry no batch effect (and controls sit at exactly 0): not aligned
+        for a in ["unaligned"] if model in CEILINGS else alignments:
             y = align(x, wells, method=ALIGN_METHODS[a], batch_col=config.bench.batch_col, n_components=n_comp)
             path = out_dir / f"{model}__{a}.npy"
             write_npy(path, y.astype(np.float32))
             files[f"{model}__{a}"] = str(path)
-    log(f"  {len(files)} maps: {len(MODELS)} models x {len(alignments)} alignments, {len(wells)} wells")
+    log(f"  {len(files)} maps: {len(picks)} models x {len(alignments)} alignments, {len(wells)} wells")
     return {
         "dir": str(out_dir),
         "wells": str(out_dir / "wells.parquet"),
         "files": files,
-        "labels": model_labels(b_star, depth),
+        "labels": model_labels(outputs),
     }
 
 
@@ -115,6 +139,16 @@ def benchmark_map(x, wells, *, world_pairs, compound_targets, config) -> tuple[d
     ]
     for r in recall_rows:
         row[f"recall {r['source']}"] = r["recall"]
+    # per-pair hits of the bootstrap sources (paired bootstrap intervals in the report)
+    from vitally_jax.probes.instruments import recall_pair_hits
+
+    hits = {}
+    for s in _csv(config.bench.bootstrap_sources):
+        if s in sources:
+            hits[s] = recall_pair_hits(gmap, genes, sources[s])[0]
+            if abs(hits[s].mean() - row[f"recall {s}"]) > 1e-9:
+                raise ConfigError(f"recall of {s}: per-pair hits {hits[s].mean()} disagree with {row[f'recall {s}']}")
+    row["_hits"] = hits
 
     # replicate consistency of genes against pseudo-perturbations made of negative-control wells
     ctrl_rows = np.flatnonzero(is_ctrl & (wells["control_type"].astype(str).to_numpy() != "positive"))
@@ -186,12 +220,15 @@ def stage_benchmarks(config, workdir: pathlib.Path, outputs: dict) -> dict:
         targets = pd.read_parquet(screen_dir / "compound_targets.parquet")
     labels = outputs["maps"]["labels"]
     summary, recall = [], []
+    hits = {}
     for key, path in outputs["maps"]["files"].items():
         model, alignment = key.split("__")
         t0 = time.perf_counter()
         row, rec = benchmark_map(
             np.load(path).astype(np.float64), wells, world_pairs=world, compound_targets=targets, config=config
         )
+        for s, h in row.pop("_hits").items():
+            hits[f"{key}__{s}"] = h
         summary.append({"model": labels[model], "model_key": model, "alignment": alignment, **row})
         recall += [{"model": labels[model], "model_key": model, "alignment": alignment, **r} for r in rec]
         log(
@@ -201,4 +238,13 @@ def stage_benchmarks(config, workdir: pathlib.Path, outputs: dict) -> dict:
     out_dir = workdir / "benchmarks"
     write_parquet(out_dir / "summary.parquet", pd.DataFrame(summary))
     write_parquet(out_dir / "recall.parquet", pd.DataFrame(recall))
-    return {"summary": str(out_dir / "summary.parquet"), "recall": str(out_dir / "recall.parquet")}
+    from vitally_jax.fileio import atomic_path
+
+    with atomic_path(out_dir / "recall_hits.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **hits)
+    return {
+        "summary": str(out_dir / "summary.parquet"),
+        "recall": str(out_dir / "recall.parquet"),
+        "hits": str(out_dir / "recall_hits.npz"),
+    }

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 
 from vitally_jax.demo.stages import _csv, fresh_dir, log
 from vitally_jax.errors import ConfigError
-from vitally_jax.fileio import folder_kind, write_marker, write_npy
+from vitally_jax.fileio import folder_kind, write_marker, write_npy, write_text
 
 
 # -------------------------------------------------------------------------------------------------- stages
@@ -46,17 +47,16 @@ def stage_screen(config, workdir: pathlib.Path) -> dict:
 
 
 def synthetic_config(config):
-    """The SyntheticConfig preset named in config.screen.preset with config.screen.overrides applied."""
-    from vitally_jax.data import synthetic
+    """The SyntheticConfig preset named in config.screen.preset with config.screen.overrides, then the declared
+    world keys (config.world: seed, image_size, ...), applied; checked (`config_checks.check_world`)."""
+    from vitally_jax.config_checks import check_world
 
-    ov = config.screen.overrides
-    overrides = ov.to_dict() if hasattr(ov, "to_dict") else dict(ov or {})
-    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()}
-    return synthetic.preset(config.screen.preset, **overrides)
+    return check_world(config)
 
 
 def stage_curate(config, workdir: pathlib.Path, store_path: str) -> dict:
-    """Image-statistics features of every image (also the image-statistics baseline), then curation."""
+    """Image statistics and statistics of the self-standardised crops of every image (also two of the baselines),
+    then curation with both as embedding sets of the consistency filter."""
     from vitally_jax.data.store import ImageStore
     from vitally_jax.embedding.image_stats import store_image_statistics
 
@@ -65,7 +65,17 @@ def stage_curate(config, workdir: pathlib.Path, store_path: str) -> dict:
     stats = store_image_statistics(store)
     write_npy(workdir / "features" / "image_stats.npy", stats)
     log(f"image statistics: {stats.shape[1]} features per image in {time.perf_counter() - t0:.1f} s")
-    out = {"image_stats": str(workdir / "features" / "image_stats.npy"), "index": None}
+    from vitally_jax.demo.baselines import store_crop_statistics
+
+    t0 = time.perf_counter()
+    crop_stats = store_crop_statistics(store, int(config.embed.crop))
+    write_npy(workdir / "features" / "crop_stats.npy", crop_stats)
+    log(f"crop statistics: {crop_stats.shape[1]} features per image in {time.perf_counter() - t0:.1f} s")
+    out = {
+        "image_stats": str(workdir / "features" / "image_stats.npy"),
+        "crop_stats": str(workdir / "features" / "crop_stats.npy"),
+        "index": None,
+    }
     if not config.curate.enabled:
         return out
     from vitally_jax.curation.core import CurationConfig, curate_store, write_curation
@@ -79,10 +89,26 @@ def stage_curate(config, workdir: pathlib.Path, store_path: str) -> dict:
         n_permutations=cc.n_permutations,
         alpha=cc.alpha,
         seed=config.seed,
+        blank_max_contrast=cc.blank_max_contrast,
+        saturated_max_fraction=cc.saturated_max_fraction,
+        focus_min_ratio=cc.focus_min_ratio,
+        debris_min_cobright=cc.debris_min_cobright,
     )
-    result = curate_store(store, {"image_stats": stats}, ccfg, quality=cc.quality)
+    # two prior models, as the paper's consistency filter: a perturbation is kept if either finds it consistent
+    result = curate_store(store, {"image_stats": stats, "crop_stats": crop_stats}, ccfg, quality=cc.quality)
     index = workdir / "curation" / "curated_index.parquet"
     write_curation(result, index, overwrite=True)  # its own outputs inside the demo workdir
+    check = curation_check(store_path, store.metadata, result)
+    write_text(index.parent / "quality_check.json", json.dumps(check, indent=1) + "\n")
+    out["quality_check"] = str(index.parent / "quality_check.json")
+    if "quality_precision" in check:
+        log(
+            f"  quality filter: removed {check['removed_fraction']:.3f} of images (designed artefact rate "
+            f"{check['artefact_rate']:.3f}); precision {check['quality_precision']:.3f}, "
+            f"recall {check['quality_recall']:.3f}"
+        )
+    if "phenotypic_genes_kept" in check:
+        log(f"  curation keeps {check['phenotypic_genes_kept']:.3f} of the phenotypic genes")
     steps = result.report["steps"]
     for s in steps:
         log(f"  curation {s['step']:<22} images {s.get('images', ''):>6}  perturbations {s.get('perturbations', '')}")
@@ -92,6 +118,43 @@ def stage_curate(config, workdir: pathlib.Path, store_path: str) -> dict:
         kept_images=int(len(result.index)),
         input_images=len(store),
     )
+    return out
+
+
+def curation_check(store_path: str, meta, result) -> dict:
+    """The curation measured against the world's ground truth (where the store has it): the quality filter's
+    removed fraction, precision and recall against the artefact labels (truth.parquet), per artefact kind, and
+    the fraction of phenotypic genes (genes.parquet strength > 0) the curated index keeps."""
+    import pandas as pd
+
+    out: dict = {"input_images": int(len(meta)), "kept_images": int(len(result.index))}
+    root = pathlib.Path(store_path)
+    flags = result.quality_flags
+    if flags is not None:
+        removed = flags.to_numpy().any(axis=1)
+        out["removed_fraction"] = float(removed.mean())
+        out["removed_by_reason"] = {k: int(flags[k].sum()) for k in flags.columns}
+        if (root / "truth.parquet").is_file():
+            truth = pd.read_parquet(root / "truth.parquet").set_index("image_id").loc[meta["image_id"].to_numpy()]
+            art = truth["artefact"].astype(str).to_numpy()
+            is_art = art != "none"
+            tp = int((removed & is_art).sum())
+            out["artefact_rate"] = float(is_art.mean())
+            out["quality_precision"] = float(tp / max(int(removed.sum()), 1))
+            out["quality_recall"] = float(tp / max(int(is_art.sum()), 1))
+            out["recall_by_artefact"] = {k: float(removed[art == k].mean()) for k in sorted(set(art)) if k != "none"}
+            out["false_positive_rate"] = float(removed[~is_art].mean()) if (~is_art).any() else 0.0
+    if (root / "genes.parquet").is_file():
+        g = pd.read_parquet(root / "genes.parquet")
+        if {"gene", "strength"} <= set(g.columns):
+            pheno = set(g.loc[g["strength"].to_numpy() > 0, "gene"].astype(str))
+            kept = set(result.index["perturbation"].astype(str)) & pheno
+            out["phenotypic_genes"] = len(pheno)
+            out["phenotypic_genes_kept"] = float(len(kept) / max(len(pheno), 1))
+            nonpheno = set(g.loc[g["strength"].to_numpy() <= 0, "gene"].astype(str))
+            if nonpheno:
+                kept_non = set(result.index["perturbation"].astype(str)) & nonpheno
+                out["phenotype_free_genes_kept"] = float(len(kept_non) / len(nonpheno))
     return out
 
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 from vitally_jax.errors import OutputError
 from vitally_jax.fileio import write_text
 
-STAGES = ("screen", "curate", "pretrain", "embed", "probe", "maps", "benchmarks", "report")
+STAGES = ("screen", "curate", "baselines", "pretrain", "embed", "probe", "maps", "benchmarks", "report")
 
 
 def log(msg: str) -> None:
@@ -146,16 +146,33 @@ def well_table(store_path: str, features_by_model: dict) -> tuple[dict, pd.DataF
     return out, wells
 
 
-def load_features(workdir: pathlib.Path, outputs: dict, pooling: str) -> dict:
-    """{model: (blocks, features (nb, images, D))} for the MAE, the random-init encoder and image statistics."""
+# representations that are not encoders: (feature file key in the stage outputs, display name)
+BASELINES = {
+    "image_stats": ("curate", "image statistics"),
+    "crop_stats": ("baselines", "statistics of the self-standardised crops"),
+    "cellprofiler": ("baselines", "CellProfiler measurements (median per image)"),
+}
+CEILINGS = {
+    "oracle": ("baselines", "oracle (true process activations)"),
+    "oracle_visible": ("baselines", "visible oracle (processes a standardised crop sees)"),
+}
+
+
+def load_representation(outputs: dict, name: str, pooling: str | None = None):
+    """(blocks, per-image features (nb, images, D)) of an encoder ("mae", "random_init", at `pooling`) or of a
+    baseline / ceiling by key; None where the run has no such representation (e.g. no truth table)."""
     import numpy as np
 
     from vitally_jax.embedding.screen import EmbeddingStore
 
-    feats = {}
-    for name in ("mae", "random_init"):
+    if name in ("mae", "random_init"):
         es = EmbeddingStore.open(outputs["embed"][name])
-        feats[name] = (es.blocks, es.features(pooling))
-    stats = np.load(outputs["curate"]["image_stats"]).astype(np.float32)
-    feats["image_stats"] = ([0], stats[None])
-    return feats
+        return list(es.blocks), es.features(pooling)
+    stage = {**BASELINES, **CEILINGS}[name][0]
+    path = outputs.get(stage, {}).get(name)
+    if not path:
+        return None
+    x = np.load(path).astype(np.float32)
+    if x.ndim != 2 or x.shape[1] == 0:
+        return None
+    return [0], x[None]
