@@ -21,7 +21,7 @@ PERF = ROOT / "tools" / "perf"
 
 def _run_tool(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`python tools/perf/<script> args` in a fresh process (one CPU device), sharing the tests' compilation cache."""
-    full = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **env)
+    full = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(ROOT), **env)
     full[CACHE_ENV] = str(jax.config.jax_compilation_cache_dir or "")
     r = subprocess.run(
         [sys.executable, str(PERF / script), *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=600
@@ -32,18 +32,32 @@ def _run_tool(script: str, *args: str, **env: str) -> subprocess.CompletedProces
 
 def test_gpu_check_cpu_smoke(tmp_path):
     out = tmp_path / "gpu_check.json"
-    _run_tool("gpu_check.py", "--cpu-smoke", "--json", str(out))
-    r = json.loads(out.read_text())
-    assert r["cpu_smoke"] and r["errors"] == []
-    (train,) = r["train"]
-    assert train["variant"] == "mu/8" and train["depth"] == 1 and train["dtype"] == "bfloat16"
-    assert train["finite"] and train["step_s"] > 0 and train["mfu"] > 0
+    r = _run_tool("gpu_check.py", "--cpu-smoke", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert res["cpu_smoke"] and res["errors"] == []
+    (train,) = res["train"]
+    assert train["variant"] == "mu/8" and train["dtype"] == "bfloat16" and train["finite"]
+    # run at two reduced depths, extrapolated per block to the full depth (mu/8: 3 blocks)
+    assert train["depths_run"] == [1, 2] and train["depth"] == 3
+    t1, t2 = train["step_s_at_depths"]
+    assert t1 > 0 and t2 > 0
+    assert train["per_block_s"] == pytest.approx(t2 - t1, rel=1e-9)
+    assert train["step_s"] == pytest.approx(t1 + 2 * (t2 - t1), rel=1e-9)
+    assert train["images_per_s"] == pytest.approx(train["batch"] / train["step_s"], rel=1e-9)
     # MFU divides two timings taken at different moments, so no bound on it holds on a loaded machine; check the formula
-    assert train["mfu"] == pytest.approx(train["tflops"] * 1e12 / r["peak_flops"], rel=1e-9)
-    e = r["extraction"]
+    assert train["tflops"] == pytest.approx(train["flops_per_image"] * train["batch"] / train["step_s"] / 1e12)
+    assert train["mfu"] == pytest.approx(train["tflops"] * 1e12 / res["peak_flops"], rel=1e-9)
+    e = res["extraction"]
     assert e["every_block_images_per_s"] > 0 and e["final_block_images_per_s"] > 0
-    a = r["agreement"]
+    a = res["agreement"]
     assert 0.99 < a["min_cosine"] <= 1.0 + 1e-6 and a["max_rel_err"] < 0.1
+    f = res["feed"]
+    assert f["crops_per_s"] > 0 and f["vs_consumption"]["mu/8"] == pytest.approx(
+        f["crops_per_s"] / train["images_per_s"], rel=1e-9
+    )
+    # which attention ran: on CPU the per-backend default is the head-grouped XLA attention
+    assert res["attention"] == ["attention: head_groups (cpu: independent groups of two heads)"]
+    assert "attention: attention: head_groups" in r.stdout and "feed " in r.stdout
 
 
 def test_pod_plan_per_block_extrapolation(tmp_path):
@@ -61,7 +75,8 @@ def test_pod_plan_per_block_extrapolation(tmp_path):
     md = tmp_path / "plan.md"
     aot.write_doc(md, rows, None, "python tools/perf/pod_plan.py --models=tiny", "test")
     text = md.read_text()
-    assert "| tiny | 8 | 1 x 8 | 8 | full |" in text and "python tools/perf/pod_plan.py --models=tiny" in text
+    assert "| tiny | 8 | 1 x 8 | 8 | full | materialised |" in text
+    assert "python tools/perf/pod_plan.py --models=tiny" in text
     assert "extrapolated linearly in depth" in text
 
 
@@ -120,6 +135,8 @@ def test_pod_plan_mesh_choice_keeps_every_weight_sharded():
         "bench_train.py",
         "bench_probe.py",
         "bench_data.py",
+        "bench_world.py",
+        "bench_embed.py",
         "gpu_check.py",
         "profile_train_step.py",
     ],
@@ -128,3 +145,63 @@ def test_perf_scripts_start(script):
     """Every performance script imports its helpers (`_shared`, `vitally_jax`) when run by path."""
     r = _run_tool(script, "--help")
     assert "usage:" in r.stdout
+
+
+def test_pod_plan_doc_shows_both_attention_memory_models(tmp_path):
+    base = {"model": "G/8", "devices": 256, "mesh": {"data": 2, "fsdp": 128}, "per_device_batch": 32, "remat": "full"}
+    gib = 2**30
+    rows = [
+        {**base, "attention": "xla", "argument_bytes": gib, "temp_bytes": 20 * gib, "peak_bytes": 21 * gib,
+         "peak_per_block": 0.1 * gib},
+        {**base, "attention": "chunked", "argument_bytes": gib, "temp_bytes": 5 * gib, "peak_bytes": 6 * gib,
+         "peak_per_block": 0.05 * gib},
+    ]  # fmt: skip
+    md = tmp_path / "plan.md"
+    aot.write_doc(md, rows, None, "python tools/perf/pod_plan.py", "test")
+    text = md.read_text()
+    row = "| G/8 | 256 | 2 x 128 | 32 | full | "
+    assert row + "materialised | 1.00 | 20.00 | 21.00 | 0.10 | no / yes / yes / yes |" in text
+    assert row + "fused | 1.00 | 5.00 | 6.00 | 0.05 | yes / yes / yes / yes |" in text
+    # recommendations per memory model: the fused plan fits 16 GiB devices, the materialised one needs 32
+    assert "- **G/8, fused: no score matrices" in text and "- **G/8, materialised scores" in text
+    fused = text.split("- **G/8, fused")[1].split("- **G/8, materialised")[0]
+    assert "G/8 on 16 GiB devices: 256 devices" in fused
+    materialised = text.split("- **G/8, materialised")[1]
+    assert "G/8 on 16 GiB devices: nothing planned fits" in materialised
+    with pytest.raises(ValueError, match="attention memory model 'flash'"):
+        aot.accelerator_attention(aot.load_config("tiny"), "flash")
+
+
+def test_bench_all_writes_its_figures_between_the_markers(tmp_path):
+    sys.path.insert(0, str(PERF))
+    try:
+        import bench_all
+    finally:
+        sys.path.remove(str(PERF))
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Performance\n\nintro\n\n{bench_all.BEGIN}\nold figures\n{bench_all.END}\n\n## Later\ntext\n")
+    info = {
+        "command": "python tools/perf/bench_all.py --only=maps",
+        "date": "2026-01-01 00:00",
+        "machine": bench_all.machine(),
+        "load_start": "1.0 1.0 1.0",
+        "load_end": "1.1 1.0 1.0",
+        "wall_s": 120.0,
+        "started": 0.0,
+    }
+    rows = [{"name": "maps", "rc": 0, "wall_s": 12.0, "tail": ["16.2x step by step"]}]
+    lines = bench_all.summary_lines(info, rows)
+    bench_all.write_doc_section(lines, doc)
+    text = doc.read_text()
+    assert text.startswith("# Performance\n\nintro\n\n") and text.endswith("\n\n## Later\ntext\n")
+    body = text.split(bench_all.BEGIN)[1].split(bench_all.END)[0]
+    assert "old figures" not in body and "16.2x step by step" in body
+    assert "python tools/perf/bench_all.py --only=maps" in body and "2026-01-01 00:00" in body
+    assert info["machine"]["cpu"] in body and "load average 1.0 1.0 1.0 at the start" in body
+    bench_all.write_doc_section(lines, doc)  # idempotent: one section, rewritten in place
+    assert doc.read_text() == text
+    doc.write_text("no markers here\n")
+    from vitally_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="performance.md: expected one '<!-- bench_all:begin -->'"):
+        bench_all.write_doc_section(lines, doc)

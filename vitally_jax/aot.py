@@ -10,6 +10,10 @@ depths d1 < d2 with the full decoder. The encoder blocks are one scanned stack, 
 is affine in depth: per_block = (m(d2) - m(d1)) / (d2 - d1), m(D) = m(d1) + (D - d1) per_block (`extrapolate`).
 `validate` checks this against a compile at a third depth.
 
+Attention memory models (`ATTENTION_MODELS`): 'xla' materialises every (T, T) score matrix (the upper bound);
+'chunked' compiles flash attention written in JAX, which keeps no score matrix for the backward pass, as fused
+kernels (TPU splash, GPU cuDNN) do.
+
 CPU memory analysis is the XLA:CPU view of the same SPMD program; on TPU/GPU the compiler fuses differently
 (temporaries usually smaller), so treat the numbers as an upper-bound plan and confirm on one real host.
 """
@@ -27,6 +31,11 @@ PAPER_BATCH = {"L/8": 16384, "G/8": 8192, "tiny": 64}
 FULL_DEPTH = {"L/8": 24, "G/8": 48, "tiny": None}
 TARGETS_GIB = (16, 32, 80, 141)
 KEYS = ("argument_bytes", "temp_bytes", "peak_bytes")
+# attention memory models of the plan: the implementation compiled for each
+ATTENTION_MODELS = {
+    "xla": "materialised scores (XLA attention; upper bound)",
+    "chunked": "fused: no score matrices (flash attention in JAX, 128-key tiles)",
+}
 
 
 def load_config(name: str, arg: str = ""):
@@ -36,11 +45,16 @@ def load_config(name: str, arg: str = ""):
     return config_lib.load(CONFIGS.get(name, name), arg)
 
 
-def accelerator_attention(config) -> None:
-    """Plan with the attention an accelerator compiles (one jax.nn.dot_product_attention op): the model's default
-    on CPU is the head-grouped variant (`layers.attention`), a CPU-speed choice with its own buffers."""
+def accelerator_attention(config, attention: str = "xla") -> None:
+    """Plan with an attention memory model instead of the CPU's default head groups: 'xla' (one
+    jax.nn.dot_product_attention op, every (T, T) score matrix materialised, the upper bound) or 'chunked' (flash
+    attention in JAX: only q, k, v, output and row log-sum-exp kept for the backward pass, as the fused TPU splash
+    and GPU cuDNN kernels do; its transient score tiles are (T, 128) per head, larger than those kernels' on-chip
+    tiles, so still a conservative estimate)."""
+    if attention not in ATTENTION_MODELS:
+        raise ValueError(f"attention memory model {attention!r}; expected one of {list(ATTENTION_MODELS)}")
     if config.model.attention_impl is None:
-        config.model.attention_impl = "xla"
+        config.model.attention_impl = attention
 
 
 def mae_overrides(mae_cfg) -> dict:
@@ -130,7 +144,13 @@ def analyse(config, mesh, mae_cfg=None) -> dict:
 
 
 def compile_at_depth(
-    name: str, depth: int, mesh_shape: tuple[int, int], global_batch: int, dtype: str, remat: str
+    name: str,
+    depth: int,
+    mesh_shape: tuple[int, int],
+    global_batch: int,
+    dtype: str,
+    remat: str,
+    attention: str = "xla",
 ) -> dict:
     """`analyse` of model `name` with the encoder cut to `depth` blocks on a (data, fsdp, 1) mesh."""
     import jax
@@ -142,13 +162,13 @@ def compile_at_depth(
     config.input.global_batch = global_batch
     config.model.dtype = dtype
     config.model.remat = remat
-    accelerator_attention(config)
+    accelerator_attention(config, attention)
     n = mesh_shape[0] * mesh_shape[1]
     mesh = sharding.make_mesh((mesh_shape[0], mesh_shape[1], 1), devices=jax.devices()[:n])
     full = train.model_config(config)
     cut = mae_config(config.model.variant, **mae_overrides(full), depth=depth)
     row = analyse(config, mesh, cut)
-    row.update(name=name, depth=depth, full_depth=FULL_DEPTH.get(name) or full.encoder.depth)
+    row.update(name=name, depth=depth, full_depth=FULL_DEPTH.get(name) or full.encoder.depth, attention=attention)
     return row
 
 
@@ -209,8 +229,9 @@ def choose_mesh(name: str, n: int) -> tuple[int, int]:
     return best[1]
 
 
-def plan(models, device_counts, remats, depths, dtype, log=print) -> list[dict]:
-    """One extrapolated row per (model, device count, remat), at the paper global batch (rounded up to divide)."""
+def plan(models, device_counts, remats, depths, dtype, log=print, attentions=("xla",)) -> list[dict]:
+    """One extrapolated row per (model, device count, remat, attention memory model), at the paper global batch
+    (rounded up to divide)."""
     rows = []
     for name in models:
         for n in device_counts:
@@ -218,9 +239,9 @@ def plan(models, device_counts, remats, depths, dtype, log=print) -> list[dict]:
             if gb % n:
                 gb = (gb // n + 1) * n
             mesh = choose_mesh(name, n)  # the batch is split over data x fsdp
-            for remat in remats:
+            for remat, attention in [(r, a) for r in remats for a in attentions]:
                 t = time.perf_counter()
-                r1, r2 = (compile_at_depth(name, d, mesh, gb, dtype, remat) for d in depths)
+                r1, r2 = (compile_at_depth(name, d, mesh, gb, dtype, remat, attention) for d in depths)
                 full = r1["full_depth"]
                 est = extrapolate(r1, r2, full)
                 rows.append(
@@ -231,6 +252,7 @@ def plan(models, device_counts, remats, depths, dtype, log=print) -> list[dict]:
                         "global_batch": gb,
                         "per_device_batch": gb // n,
                         "remat": remat,
+                        "attention": attention,
                         "dtype": dtype,
                         "depth": full,
                         "depths_compiled": list(depths),
@@ -240,7 +262,7 @@ def plan(models, device_counts, remats, depths, dtype, log=print) -> list[dict]:
                     }
                 )
                 log(
-                    f"{name} {n} devices remat={remat}: peak {est['peak_bytes'] / 2**30:.2f} GiB "
+                    f"{name} {n} devices remat={remat} attention={attention}: peak {est['peak_bytes'] / 2**30:.2f} GiB "
                     f"({rows[-1]['compile_s']} s)"
                 )
     return rows
@@ -268,12 +290,18 @@ def recommend(rows: list[dict]) -> list[str]:
     """Per target: the smallest device count (then lightest remat) whose per-device peak fits with 10% headroom."""
     order = {"none": 0, "dots_saveable": 1, "full": 2}
     lines = []
-    for name in sorted({r["model"] for r in rows}):
+    attentions = list(dict.fromkeys(r.get("attention", "xla") for r in rows))
+    for name, attention in [(n, a) for n in sorted({r["model"] for r in rows}) for a in attentions]:
+        if len(attentions) > 1:
+            lines.append(f"- **{name}, {ATTENTION_MODELS.get(attention, attention)}:**")
         for gib in TARGETS_GIB:
             fit = [
                 r
                 for r in rows
-                if r["model"] == name and r["peak_per_block"] >= 0 and r["peak_bytes"] <= 0.9 * gib * 2**30
+                if r["model"] == name
+                and r.get("attention", "xla") == attention
+                and r["peak_per_block"] >= 0
+                and r["peak_bytes"] <= 0.9 * gib * 2**30
             ]
             if not fit:
                 lines.append(
@@ -299,7 +327,8 @@ def write_doc(path: pathlib.Path, rows, check, argv_line: str, load: str) -> Non
     lines = [
         "# Pod plan: per-device memory of the MAE train step",
         "",
-        f"Regenerate: `{argv_line}` (CPU only, fake devices; about a minute per configuration here).",
+        f"Regenerate: `{argv_line}` (CPU only, fake devices; one to fifteen minutes per configuration on 2 cores, "
+        "depending on load and the compilation cache).",
         "",
         "Per-device memory from XLA's memory analysis of the real train step (`vitally_jax.train` builders via "
         "`vitally_jax.aot`), bf16 compute, float32 parameters and Lion state sharded over 'fsdp', batch "
@@ -321,12 +350,19 @@ def write_doc(path: pathlib.Path, rows, check, argv_line: str, load: str) -> Non
             "",
         ]
     lines += [
+        "Two attention memory models, each compiled: **materialised** (`attention=xla`: one "
+        "jax.nn.dot_product_attention op, every (T, T) score matrix of the decoder's 1,025 tokens in memory; the "
+        "upper bound, what XLA:CPU does) and **fused** (`attention=chunked`: flash attention written in JAX, "
+        "which keeps only q, k, v, the output and the row log-sum-exp for the backward pass, as TPU splash and "
+        "GPU cuDNN attention do; its transient score tiles are (T, 128) per head, larger than those kernels' "
+        "on-chip tiles, so the fused figures are still conservative).",
+        "",
         "XLA:CPU fuses less than XLA:GPU/TPU, so temporaries here are an upper-bound plan; confirm on one "
         f"real host. Measured under machine load {load}.",
         "",
-        "| model | devices | mesh (data x fsdp) | crops/device | remat | arguments GiB | temporaries GiB | "
-        "peak GiB | peak per block GiB | fits 16 / 32 / 80 / 141 GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | devices | mesh (data x fsdp) | crops/device | remat | attention | arguments GiB | "
+        "temporaries GiB | peak GiB | peak per block GiB | fits 16 / 32 / 80 / 141 GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fits = " / ".join("yes" if r["peak_bytes"] <= 0.9 * t * 2**30 else "no" for t in TARGETS_GIB)
@@ -335,7 +371,8 @@ def write_doc(path: pathlib.Path, rows, check, argv_line: str, load: str) -> Non
         mesh = r.get("mesh", {"data": 1, "fsdp": r["devices"]})
         lines.append(
             f"| {r['model']} | {r['devices']} | {mesh['data']} x {mesh['fsdp']} | {r['per_device_batch']} | "
-            f"{r['remat']} | {g(r['argument_bytes'])} | {g(r['temp_bytes'])} | {g(r['peak_bytes'])} | "
+            f"{r['remat']} | {'fused' if r.get('attention') == 'chunked' else 'materialised'} | "
+            f"{g(r['argument_bytes'])} | {g(r['temp_bytes'])} | {g(r['peak_bytes'])} | "
             f"{g(r['peak_per_block'])} | {fits} |"
         )
     lines += (

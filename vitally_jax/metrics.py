@@ -63,10 +63,92 @@ class MetricWriter:
             self._tb = None
 
 
+class Goodput:
+    """Where a training job's wall time goes: productive step time vs compile, checkpoint save / restore, input
+    stalls and the rest, as cumulative seconds since the clock was created.
+
+        gp = Goodput()
+        with gp.phase("input"):
+            batch = next(it)
+        gp.scalars()   # {"goodput": productive / wall, "time_wall_s": ..., "time_productive_s": ..., ...}
+
+    Phases: "productive" (dispatching the update step and waiting for its results), "compile", "checkpoint_save",
+    "checkpoint_restore", "input" (waiting for the next batch; with asynchronous dispatch the device may still be
+    running the previous step meanwhile, so this is an upper bound on the stall); wall time in no phase is
+    "other" (setup, initialisation, logging, reconstruction images).
+    """
+
+    PHASES = ("productive", "compile", "checkpoint_save", "checkpoint_restore", "input")
+    _KEYS = {"input": "time_input_wait_s"}
+
+    def __init__(self, clock=time.perf_counter):
+        self._clock = clock
+        self._t0 = clock()
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    def phase(self, name: str):
+        if name not in self.seconds:
+            raise ValueError(f"goodput phase {name!r}; expected one of {list(self.PHASES)}")
+        return _Phase(self, name)
+
+    def scalars(self) -> dict[str, float]:
+        wall = max(self._clock() - self._t0, 1e-12)
+        out = {"goodput": self.seconds["productive"] / wall, "time_wall_s": wall}
+        for name in self.PHASES:
+            out[self._KEYS.get(name, f"time_{name}_s")] = self.seconds[name]
+        out["time_other_s"] = max(wall - sum(self.seconds.values()), 0.0)
+        return out
+
+
+class _Phase:
+    def __init__(self, owner: Goodput, name: str):
+        self.owner, self.name = owner, name
+
+    def __enter__(self):
+        self.t = self.owner._clock()
+        return self
+
+    def __exit__(self, *exc):
+        self.owner.seconds[self.name] += self.owner._clock() - self.t
+        return False
+
+
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
     """All rows of `WORKDIR/metrics.jsonl` in order."""
     path = pathlib.Path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_tensorboard_scalars(logdir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under `logdir`: {tag: [(step, value), ...]} in file order.
+
+    Reads the TFRecord framing (length, masked CRC-32C of the length, payload, masked CRC-32C of the payload) and
+    checks both checksums; a torn last record (a killed writer) ends that file's reading."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(pathlib.Path(logdir).rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            header = data[pos : pos + 8]
+            (n,) = struct.unpack("<Q", header)
+            (crc_len,) = struct.unpack("<I", data[pos + 8 : pos + 12])
+            payload = data[pos + 12 : pos + 12 + n]
+            if crc_len != masked_crc32c(header) or len(payload) < n or pos + 16 + n > len(data):
+                break
+            (crc_data,) = struct.unpack("<I", data[pos + 12 + n : pos + 16 + n])
+            if crc_data != masked_crc32c(payload):
+                break
+            pos += 16 + n
+            event = Event.FromString(payload)
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, []).append((int(event.step), float(v.simple_value)))
+    return out
 
 
 def _hms(seconds: float) -> str:

@@ -151,10 +151,12 @@ def _join_state(abs_state, model_state, opt_state):
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     """Train (or resume) the MAE described by `config` in `workdir`.
 
-    Returns a summary: {'step', 'metrics' (last logged), 'compiles', 'stopped' ('done'|'signal'|'budget')}.
+    Returns a summary: {'step', 'metrics' (last logged), 'compiles', 'goodput' (`metrics.Goodput.scalars` at the
+    end, final checkpoint included), 'stopped' ('done'|'signal'|'budget')}.
     """
     workdir = pathlib.Path(workdir).absolute()
     config_checks.check_values(config)  # numbers and ranges, before anything is written or compiled
+    goodput = metrics_lib.Goodput()  # productive step time over this job's wall time, and where the rest went
     # ---------------------------------------------------------------------------------------- logging -----
     is_main = jax.process_index() == 0
     # a workdir is ours (workdir.json) or new/empty; anything else, or a workdir inside an input, is refused
@@ -214,7 +216,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     if manager.latest_step() is not None:  # newest usable checkpoint; damaged newer ones are skipped with a warning
         abs_model = ckpt.abstract_like(abs_state[0], state_sh[0])
         abs_opt = ckpt.abstract_like(abs_state[1], state_sh[1])
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), goodput.phase("checkpoint_restore"):
             restored = ckpt.restore_latest(manager, abs_model, abs_opt, data_iter)
     start = 0
     if restored is None:
@@ -251,21 +253,25 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     try:
         with jax.set_mesh(mesh):
             while step < budget_end:
-                batch = next(data_iter)
+                with goodput.phase("input"):
+                    batch = next(data_iter)
                 if recon_batch is None and config.log.recon_every_steps:
                     recon_batch = {"image": batch["image"][: config.log.recon_images]}
                 if step_fn is None:  # compile once, then meet: processes start stepping together
-                    step_fn = train_step.lower(state, batch, seed_key).compile()
-                    _barrier("train_step compiled")
-                state, metrics = step_fn(state, batch, seed_key)
-                finite_acc = finite_acc & metrics["finite"]
+                    with goodput.phase("compile"):
+                        step_fn = train_step.lower(state, batch, seed_key).compile()
+                        _barrier("train_step compiled")
+                with goodput.phase("productive"):
+                    state, metrics = step_fn(state, batch, seed_key)
+                    finite_acc = finite_acc & metrics["finite"]
                 step += 1
                 due_log = step % config.log.every_steps == 0 or step in (start + 1, budget_end)
                 due_ckpt = step % config.checkpoint.every_steps == 0 or step == budget_end
                 if _preempted(stop_requested["flag"]):
                     due_ckpt, stopped = True, "signal"
                 if due_log or due_ckpt:
-                    host = {k: _local(v) for k, v in metrics.items()}
+                    with goodput.phase("productive"):  # waits for the step's results
+                        host = {k: _local(v) for k, v in metrics.items()}
                     if not bool(_local(finite_acc)):
                         raise TrainingDivergedError(
                             _diverged_message(config, step, float(host["loss"]), workdir, manager.latest_step())
@@ -285,6 +291,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                     else:
                         progress.start(step)
                     t_last, s_last = now, step
+                    last.update(goodput.scalars())
                     writer.write(step, last)
                     if is_main:
                         progress.print(
@@ -296,12 +303,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
                     _reconstruction_png(recon_fn, state, recon_batch, mae_cfg, step, workdir, is_main, channel_names)
                 if due_ckpt:
                     m_state, o_state = _split_state(state)
-                    ckpt.save(manager, step, m_state, o_state, data_iter, _meta(config, step, mesh), force=True)
+                    with goodput.phase("checkpoint_save"):
+                        ckpt.save(manager, step, m_state, o_state, data_iter, _meta(config, step, mesh), force=True)
                 if stopped == "signal":
                     break
         if stopped != "signal" and step < config.total_steps:
             stopped = "budget"
-        manager.wait_until_finished()
+        with goodput.phase("checkpoint_save"):  # the asynchronous saves' remaining work
+            manager.wait_until_finished()
         if config.checkpoint.export_encoder and step >= config.total_steps:
             model, _ = nnx.merge(graphdef, state)
             ckpt.export_encoder(
@@ -317,6 +326,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
         "step": step,
         "metrics": last,
         "compiles": _LOWERINGS["jit(train_step)"] - lowerings_before,
+        "goodput": goodput.scalars(),
         "stopped": stopped,
         "state": state,
         "graphdef": graphdef,

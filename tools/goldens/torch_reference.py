@@ -8,8 +8,10 @@ optimiser is Lion (b1 0.9, b2 0.95, wd 0.05), the paper's, written here with tor
 Worker protocol (used by `tools/perf/bench_train.py`, one process kept alive so rounds can interleave with JAX):
 
     /work/goldens-venv/bin/python tools/goldens/torch_reference.py --worker '{"variant": "S/16", "batch": 32, ...}'
-    stdin:  "eager 2" | "compile 2" | "forward 2" | "forward_compile 2" | "quit"   stdout: one JSON line per command
-    (eager / compile: train steps; forward / forward_compile: the encoder's inference forward, CLS + mean pooling)
+    stdin:  "eager 2" | "compile 2" | "forward 2" | "forward_compile 2" | "embed_last 2" | "embed_all 2" | "quit"
+    stdout: one JSON line per command
+    (eager / compile: train steps; forward / forward_compile: the encoder's inference forward, CLS + mean pooling;
+    embed_last / embed_all: a whole-screen embedding job, see `make_embed`)
 
 `--check` prints versions and whether torch.compile works on this CPU. `--kernels '{"rows": 520, "width": 512,
 "hidden": 2048, "tokens": 65, "heads": 16, "repeats": 20}'` prints the median milliseconds of the decoder block's
@@ -139,6 +141,72 @@ def make_forward(spec: dict, compiled: bool = False):
     return forward, vit, images
 
 
+class _Tiles(torch.utils.data.Dataset):
+    """Every non-overlapping crop x crop tile of every image of an (N, H, W, C) uint8 .npy file (memory-mapped),
+    as (C, crop, crop) uint8 tensors, image by image, row-major."""
+
+    def __init__(self, path: str, crop: int):
+        import numpy as np
+
+        self.images = np.load(path, mmap_mode="r")
+        n, h, w, _ = self.images.shape
+        self.crop, self.ty, self.tx = crop, h // crop, w // crop
+        self.n = n * self.ty * self.tx
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        import numpy as np
+
+        img, t = divmod(i, self.ty * self.tx)
+        y, x = divmod(t, self.tx)
+        c = self.crop
+        tile = np.ascontiguousarray(self.images[img, y * c : (y + 1) * c, x * c : (x + 1) * c].transpose(2, 0, 1))
+        return torch.from_numpy(tile), img
+
+
+def make_embed(spec: dict, every_block: bool):
+    """-> (job(), model, None): the way OpenPhenom's example notebook embeds a screen: a torch DataLoader over the
+    screen's tiles (spec["embed"]: {"npy": images file, "wells": well index per image, "crop", "batch", "out"}),
+    the timm encoder under inference_mode, per-well mean of the embeddings (CLS after the final norm and the mean
+    of the normed patch tokens), written with numpy. every_block=False: the final block only (one forward);
+    True: the same two poolings after every block (the final norm applied to each block's tokens)."""
+    import numpy as np
+
+    e = spec["embed"]
+    geom = geometry(spec)
+    torch.manual_seed(0)
+    vit = mg.build(False, geom).eval().encoder.vit_backbone
+    wells = torch.as_tensor(np.asarray(e["wells"], dtype=np.int64))
+    n_wells = int(wells.max()) + 1
+    loader = torch.utils.data.DataLoader(_Tiles(e["npy"], e["crop"]), batch_size=e["batch"], shuffle=False)
+    nb = len(vit.blocks) if every_block else 1
+
+    def job():
+        sums = torch.zeros(2, nb, n_wells, geom["width"], dtype=torch.float64)
+        counts = torch.zeros(n_wells, dtype=torch.float64)
+        with torch.inference_mode():
+            for tiles, img in loader:
+                t = vit.norm_pre(mg.encoder_tokens(vit, mg.self_standardize(tiles), False))
+                w = wells[img]
+                if every_block:
+                    for b, blk in enumerate(vit.blocks):
+                        t = blk(t)
+                        n = vit.norm(t)
+                        sums[0, b].index_add_(0, w, n[:, 0].double())
+                        sums[1, b].index_add_(0, w, n[:, 1:].mean(1).double())
+                else:
+                    n = vit.norm(vit.blocks(t))
+                    sums[0, 0].index_add_(0, w, n[:, 0].double())
+                    sums[1, 0].index_add_(0, w, n[:, 1:].mean(1).double())
+                counts.index_add_(0, w, torch.ones_like(w, dtype=torch.float64))
+        np.save(e["out"], (sums / counts[None, None, :, None]).float().numpy())
+        return len(loader.dataset)
+
+    return job, vit, None
+
+
 def worker(spec: dict) -> None:
     torch.set_num_threads(int(spec.get("threads", 2)))
     steps = {}
@@ -153,6 +221,8 @@ def worker(spec: dict) -> None:
                 t0 = time.perf_counter()
                 if cmd in ("forward", "forward_compile"):
                     steps[cmd] = make_forward(spec, compiled=(cmd == "forward_compile"))
+                elif cmd in ("embed_last", "embed_all"):
+                    steps[cmd] = make_embed(spec, every_block=(cmd == "embed_all"))
                 else:
                     steps[cmd] = make_step(spec, compiled=(cmd == "compile"))
                 steps[cmd][0]()  # warm-up (and compilation)

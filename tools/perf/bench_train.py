@@ -89,6 +89,7 @@ def bench_variant(variant: str, batch: int, crop: int, rounds: int, steps: int, 
         "jax_compile_s": round(jax_compile_s, 1),
         **warm,
         "median_step_s": {k: round(v, 4) for k, v in med.items()},
+        "step_s": {k: {"median": med[k], "min": min(v), "max": max(v), "all": v} for k, v in times.items() if v},
         "images_per_s": {k: round(batch / v, 2) for k, v in med.items()},
         "flops_per_image": flops_img,
         "matmul_flops": rate,
@@ -100,6 +101,7 @@ def bench_variant(variant: str, batch: int, crop: int, rounds: int, steps: int, 
     if torch_best:
         out["speedup_vs_torch"] = min(torch_best) / med["jax"]
         out["speedup_vs_torch_eager"] = med["torch_eager"] / med["jax"] if "torch_eager" in med else None
+        out["speedup_vs_torch_compile"] = med["torch_compile"] / med["jax"] if "torch_compile" in med else None
     return out
 
 

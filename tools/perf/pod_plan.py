@@ -38,6 +38,11 @@ def main(argv=None) -> int:
         default=8,
         help="compile the first model at this depth on the largest device count to check the extrapolation (0 = skip)",
     )
+    p.add_argument(
+        "--attention",
+        default="xla,chunked",
+        help="attention memory models: xla (score matrices materialised, upper bound), chunked (fused, no scores)",
+    )
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default="docs/pod_plan.md")
     p.add_argument("--json", default="bench_out/pod_plan.json")
@@ -64,7 +69,7 @@ def main(argv=None) -> int:
     if args.validate_depth:
         check = aot.validate(models[0], counts[-1], args.remat.split(",")[0], depths, args.validate_depth, args.dtype)
         log(f"validation: rel err {check['rel_err']:.3%}")
-    rows = aot.plan(models, counts, args.remat.split(","), depths, args.dtype, log)
+    rows = aot.plan(models, counts, args.remat.split(","), depths, args.dtype, log, args.attention.split(","))
     load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?"
     cmd = "python tools/perf/pod_plan.py" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
