@@ -3,6 +3,7 @@
 The goldens are committed npz files; this test never imports torch.
 """
 
+import dataclasses
 import json
 import pathlib
 
@@ -63,6 +64,7 @@ _COMPILED = {}
 def run_model(meta, sd, arrays, mlp_bias):
     """Load the golden state dict into our MAE; one jitted pass: encoder readouts + MAE outputs."""
     cfg = golden_config(meta)
+    cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, bias=mlp_bias))  # blocks as the file's
     mae = nnx.eval_shape(lambda: MAE(cfg, rngs=nnx.Rngs(0)))  # every value comes from the golden
     load_mae_weights(mae, sd, mlp_bias=mlp_bias, source="golden")
     graphdef, state = nnx.split(mae)

@@ -1,6 +1,8 @@
 """ViT/MAE behaviour: per-block readouts vs truncation, parameter counts, channel-agnostic properties,
 self-standardisation, masking, options (remat, dtype, stochastic depth, Fourier modes), config errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,12 +87,15 @@ def test_encoder_parameter_counts(variant, overrides, expected):
 
 def test_openphenom_shaped_counts_match_the_reference_exactly():
     """CA-S/16: timm stores 162 encoder tensors, 22,459,776 values incl. its 11-channel pos table; the full
-    OpenPhenom MAE has 178,045,568. We carry explicit q/k/v biases (3*D per block, zero under legacy
-    semantics) and no fixed tables."""
+    OpenPhenom MAE has 178,045,568. With the default `bias='legacy'` we carry timm's one mlp_bias per block
+    and no fixed tables; `bias='free'` adds explicit q/k/v biases (3*D per block)."""
     cfg = mae_config("CA-S/16")
     enc = cfg.encoder
     abstract = nnx.eval_shape(lambda: MAE(cfg, rngs=nnx.Rngs(0)))
-    explicit_qkv = enc.depth * 3 * enc.width
+    explicit_qkv = 0
+    free = dataclasses.replace(enc, bias="free")
+    abstract_free = nnx.eval_shape(lambda: ViTEncoder(free, rngs=nnx.Rngs(0)))
+    assert count_params(abstract_free) - count_params(abstract.encoder) == enc.depth * 3 * enc.width
     enc_pos = (1 + enc.max_in_chans * enc.grid**2) * enc.width
     dec_pos = (1 + cfg.decoder_channels * enc.grid**2) * cfg.decoder_width
     placeholder = cfg.decoder_width

@@ -95,7 +95,7 @@ def numpy_lion(params, grads_seq, lrs, b1s, b2, wd, decay, clip=None):
 @pytest.mark.parametrize("cycle,clip", [(True, None), (False, 0.5)])
 def test_lion_matches_numpy(cycle, clip):
     rng = np.random.default_rng(0)
-    params = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=(3,)).astype(np.float32)}
+    params = {"kernel": rng.normal(size=(4, 3)).astype(np.float32), "bias": rng.normal(size=(3,)).astype(np.float32)}
     total = 30
     grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(12)]
     cfg = optax_cfg(cycle_momentum=cycle, grad_clip_norm=clip)
@@ -108,12 +108,12 @@ def test_lion_matches_numpy(cycle, clip):
         p = optax.apply_updates(p, u)
     lrs = [torch_one_cycle(s, total, 3e-2)[0] for s in range(len(grads))]
     b1s = [torch_one_cycle(s, total, 3e-2)[1] if cycle else 0.9 for s in range(len(grads))]
-    want = numpy_lion(params, grads, lrs, b1s, 0.95, 0.05, {"w": True, "b": False}, clip=clip)
+    want = numpy_lion(params, grads, lrs, b1s, 0.95, 0.05, {"kernel": True, "bias": False}, clip=clip)
     for k in params:
         np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-5, atol=1e-6)
-    # the 1-D bias is not decayed, the matrix is: decaying the bias too changes it
-    want_all = numpy_lion(params, grads, lrs, b1s, 0.95, 0.05, {"w": True, "b": True}, clip=clip)
-    assert np.abs(want_all["b"] - np.asarray(p["b"])).max() > 1e-5
+    # the bias is not decayed, the weight matrix (named `kernel`) is: decaying the bias too changes it
+    want_all = numpy_lion(params, grads, lrs, b1s, 0.95, 0.05, {"kernel": True, "bias": True}, clip=clip)
+    assert np.abs(want_all["bias"] - np.asarray(p["bias"])).max() > 1e-5
     assert float(sched["b1"](3)) == pytest.approx(b1s[3], rel=1e-6)
 
 
@@ -133,7 +133,7 @@ def numpy_adamw(params, grads_seq, lrs, b1, b2, wd, decay, eps=1e-8):
 
 def test_adamw_option_matches_numpy():
     rng = np.random.default_rng(1)
-    params = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=(3,)).astype(np.float32)}
+    params = {"kernel": rng.normal(size=(4, 3)).astype(np.float32), "bias": rng.normal(size=(3,)).astype(np.float32)}
     grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(10)]
     tx, _ = make_optimizer(optax_cfg(name="adamw", grad_clip_norm=None, cycle_momentum=False), total_steps=30)
     state, p = tx.init(jax.tree.map(jnp.asarray, params)), jax.tree.map(jnp.asarray, params)
@@ -141,7 +141,7 @@ def test_adamw_option_matches_numpy():
         u, state = tx.update(jax.tree.map(jnp.asarray, g), state, p)
         p = optax.apply_updates(p, u)
     lrs = [torch_one_cycle(s, 30, 3e-2)[0] for s in range(len(grads))]
-    want = numpy_adamw(params, grads, lrs, 0.9, 0.95, 0.05, {"w": True, "b": False})
+    want = numpy_adamw(params, grads, lrs, 0.9, 0.95, 0.05, {"kernel": True, "bias": False})
     for k in params:
         np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-5, atol=1e-6)
 

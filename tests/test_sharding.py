@@ -114,7 +114,7 @@ def test_constrain_batch_is_a_noop_without_mesh_and_create_sharded():
     assert np.asarray(model.blocks.gamma[...]).max() == np.float32(1e-4)
 
 
-@pytest.mark.parametrize("fourier", ["reference", "image"])
+@pytest.mark.parametrize("fourier", ["reference", "masked", "image"])
 def test_fourier_loss_is_computed_per_batch_shard(fourier):
     """XLA's SPMD partitioner replicates an FFT over the global batch on every device (memory growing with the
     device count); the loss runs it shard by shard. Every FFT in the compiled step sees 1 crop of the 8."""

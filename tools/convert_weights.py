@@ -57,7 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--variant", default=None, help="check the geometry, e.g. 'CA-S/16', 'L/8', 'L/14' (DINOv2)")
     ap.add_argument("--num-blocks", type=int, default=None, help="orbax: keep only the first N blocks (b*)")
     ap.add_argument("--encoder-only", action="store_true", help="openphenom -> safetensors: timm encoder only")
-    ap.add_argument("--decoder-heads", type=int, default=16, help="openphenom: decoder block heads (not in the file)")
+    ap.add_argument(
+        "--decoder-heads",
+        type=int,
+        default=None,
+        help="openphenom: decoder block heads (default: the file's metadata or the config.json beside it, else 16)",
+    )
     ap.add_argument("--dinov2-layout", default="timm", choices=("timm", "meta"), help="dinov2 safetensors layout")
     ap.add_argument(
         "--overwrite",
@@ -98,7 +103,8 @@ def convert(args) -> int:
         return _report(path, model)
 
     if args.layout == "openphenom" and args.to == "safetensors" and not args.encoder_only:
-        mae = openphenom.load_openphenom(args.input, mlp_bias=args.mlp_bias, decoder_heads=args.decoder_heads)
+        heads = {} if args.decoder_heads is None else {"decoder_heads": args.decoder_heads}
+        mae = openphenom.load_openphenom(args.input, mlp_bias=args.mlp_bias, **heads)
         if args.variant is not None:
             timm_vit.load_timm_vit(args.input, prefix=openphenom.ENC, variant=args.variant, mlp_bias=args.mlp_bias)
         path = export.export_openphenom(args.output, mae, mlp_bias=out_bias, overwrite=args.overwrite)

@@ -379,7 +379,10 @@ def read_export_config(path: str | pathlib.Path):
     from vitally_jax.models.vit import ViTConfig
 
     path = pathlib.Path(path)
-    return _config_from_dict(ViTConfig, _read_export_doc(path)["vit_config"], str(path / "encoder.json"))
+    d = dict(_read_export_doc(path)["vit_config"])
+    # exports written before `ViTConfig.bias` existed hold separate fc1/q/k/v block biases
+    d.setdefault("bias", "free")
+    return _config_from_dict(ViTConfig, d, str(path / "encoder.json"))
 
 
 def read_export_readout(path: str | pathlib.Path) -> dict[str, tuple]:

@@ -70,11 +70,15 @@ def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
     c.model.in_chans = 6
     c.model.mask_ratio = 0.75
     c.model.fourier_weight = 0.01
-    c.model.fourier = "reference"  # "reference" (bit-compatible with the PyTorch code) | "image"
+    # "reference" (bit-compatible with the PyTorch code) | "masked" (OpenPhenom's mask_fourier_loss) | "image"
+    c.model.fourier = "reference"
     c.model.drop_path_rate = recipe["drop_path_rate"]
     c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters stay float32)
     c.model.remat = "none"  # "none" | "full" | "dots_saveable" (encoder and decoder block stacks)
     c.model.attention_impl = config_dict.placeholder(str)  # None (auto) | "xla" | "cudnn" | "head_groups"
+    # trainable block biases: "legacy" (timm 0.9.7's mlp_bias, as the reference trained; exports to timm and
+    # OpenPhenom) | "new" (timm >= 1.0.25's mlp_bias) | "free" (separate fc1/q/k/v biases; cannot be exported)
+    c.model.bias = "legacy"
     c.model.decoder_depth = config_dict.placeholder(int)  # None = the variant's (8 blocks x 512 for L/8 and G/8)
     c.model.decoder_width = config_dict.placeholder(int)
     c.model.decoder_heads = config_dict.placeholder(int)

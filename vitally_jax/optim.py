@@ -8,6 +8,8 @@ The reference recipe drives it with PyTorch's `OneCycleLR(anneal_strategy='cos',
 - with `cycle_momentum`, b1 moves inversely: max_momentum -> base_momentum in phase 1, back in phase 2.
 
 Optimiser step k (0-based) uses `lr(k)`, as PyTorch does when `scheduler.step()` follows `optimizer.step()`.
+Weight decay applies to weight matrices only, chosen by parameter path (`decay_mask`), as the reference's
+parameter groups do: never to biases, norms, LayerScale, tokens or position and channel embeddings.
 
 Usage::
 
@@ -76,15 +78,49 @@ def one_cycle_b1(
     return _one_cycle(max_momentum, base_momentum, max_momentum, total_steps, pct_start)
 
 
-def _decay_mask(params):
-    """Weight decay only on matrices (ndim >= 2), not on biases, norms, LayerScale, CLS token."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+# The last path component of every weight matrix: linear and patch-conv kernels, the parallel blocks' fused
+# input projection. Everything else is a vector or a table the reference keeps out of weight decay: biases (incl.
+# `mlp_bias`), LayerNorm scales and biases, LayerScale gammas, CLS / mask / register tokens, position and channel
+# (modality) embeddings.
+DECAYED_LEAVES = ("kernel", "in_proj")
+
+
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def decays(path: tuple[str, ...]) -> bool:
+    """Whether the parameter at `path` (names from the model root, e.g. ('encoder', 'blocks', 'in_proj')) gets
+    weight decay: only weight matrices do."""
+    return bool(path) and path[-1] in DECAYED_LEAVES
+
+
+def decay_mask(params):
+    """Weight decay by parameter path, not by rank: True on weight matrices (`DECAYED_LEAVES`), False on the rest.
+
+    Rank cannot decide it: the blocks' biases, norms and LayerScale are stacked along the scan's layer axis
+    (2-D), tokens are 3-D. This reproduces the reference's PyTorch parameter groups (timm's
+    `param_groups_weight_decay` with the model's `no_weight_decay()` names: 1-D tensors, tokens and position
+    tables get weight decay 0); `tests/test_decay_mask.py` compares every leaf with them.
+    """
+
+    def one(path, _):
+        names = [_key_name(k) for k in path]
+        if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+            names.pop()  # an nnx.Variable's array (nnx.Optimizer passes the model's Param variables)
+        return decays(tuple(names))
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, dict[str, Schedule]]:
     """Build the optax transform from the `optax` config section.
 
-    Keys used: name ("lion" | "adamw"), peak_lr, b1, b2, weight_decay, decay_1d (bool: also decay vectors),
+    Keys used: name ("lion" | "adamw"), peak_lr, b1, b2, weight_decay (on weight matrices only, see `decay_mask`),
+    decay_1d (bool: decay every parameter instead),
     pct_start, div_factor, final_div_factor, cycle_momentum, base_momentum, max_momentum, grad_clip_norm
     (None = no clipping), mu_dtype (None or a dtype name).
 
@@ -113,7 +149,7 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
         b1=b1,
         b2=cfg.b2,
         weight_decay=cfg.weight_decay,
-        mask=None if cfg.decay_1d else _decay_mask,
+        mask=None if cfg.decay_1d else decay_mask,
         mu_dtype=None if cfg.mu_dtype is None else jnp.dtype(cfg.mu_dtype),
     )
     parts = []

@@ -36,7 +36,7 @@ BATCH_AXES = ("data", "fsdp")
 # (regex over 'a/b/c' state paths, spec of the trailing dims). First match wins; no match: replicated.
 DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
     (r"(^|/)in_proj$", ("fsdp", "model")),  # (D, H+3D): heads/mlp over 'model'
-    (r"(^|/)(fc1_bias|q_bias|k_bias|v_bias)$", ("model",)),
+    (r"(^|/)(mlp_bias|fc1_bias|q_bias|k_bias|v_bias)$", ("model",)),
     (r"(^|/)(attn_out|mlp_out|proj|fc2)/kernel$", ("model", "fsdp")),
     (r"(^|/)(qkv|fc1|kv|q)/kernel$", ("fsdp", "model")),
     (r"(^|/)(qkv|fc1)/bias$", ("model",)),

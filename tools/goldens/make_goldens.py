@@ -6,7 +6,7 @@ Runs ONLY in an optional environment with torch and timm; CI never imports torch
     python -m venv /work/goldens-venv
     /work/goldens-venv/bin/pip install torch==2.13.0 numpy pyyaml huggingface_hub safetensors pillow
     /work/goldens-venv/bin/pip install --no-deps timm==0.9.7          # legacy mlp_bias semantics
-    /work/goldens-venv/bin/python tools/goldens/make_goldens.py                # writes *_legacy.npz and ca_mae.npz
+    /work/goldens-venv/bin/python tools/goldens/make_goldens.py   # *_legacy.npz, openphenom_masked_fourier.npz
 
     python -m venv /work/goldens-venv-timm1                            # same, but 'timm>=1.0.25'
     /work/goldens-venv-timm1/bin/python tools/goldens/make_goldens.py          # writes vit_new.npz
@@ -26,6 +26,11 @@ What is built, at tiny geometry (24x24 images, patch 8, width 32, depth 3, 2 hea
    standard decoder of timm Blocks, masked MSE + Fourier loss in both modes.
 3. (legacy environment only) The channel-agnostic path, which has no timm model either: CA patch embedding,
    the timm encoder with global_pool='avg', and the OpenPhenom channel-agnostic decoder, restated in torch below.
+4. (legacy environment only) `openphenom_masked_fourier.npz`: the channel-agnostic MAE with OpenPhenom's released
+   decoder defaults (CAMAEDecoder: 16-head blocks, 8-head cross-attention, LayerNorm eps 1e-6, as in the public
+   phenom_beta config) and its default loss, the masked Fourier term (`mask_fourier_loss=True`; see `losses`).
+   Only the weights, inputs, mask, latent, reconstruction and losses are kept. `--only NAME` writes one golden,
+   `--out DIR` writes elsewhere (e.g. to compare a regeneration with the committed files).
 Every parameter is moved away from its initial value (LayerScale ~0.5, LayerNorm scales 1 +- 0.1, every bias
 incl. mlp_bias ~N(0, 0.1), weights ~N(0, 1/fan_in)). State dicts use the OpenPhenom key layout.
 """
@@ -167,20 +172,30 @@ def unpatchify_channels(t, p, c, g):
     return t.reshape(n, c, g, g, p, p).permute(0, 1, 2, 4, 3, 5).reshape(n, c, g * p, g * p)
 
 
-def losses(pred, target, mask, pred_img, target_img, modalities, weight):
+def losses(pred, target, mask, pred_img, target_img, modalities, weight, masked=False):
+    """masked=True adds OpenPhenom's masked Fourier loss (`mask_fourier_loss=True`, its default): the FourierLoss
+    element-wise tensor (B, K*M, s, s) reshaped back to tokens (B, H_W*M, C) = (B, L, K), `.mean(dim=-1)`, then
+    `(floss * mask).sum() / mask.sum()`, as in OpenPhenom's `compute_MAE_loss`. (The released `loss.py` gates that
+    reshape on `not self.num_bins` / `not self.num_modalities`; with either the masked branch cannot run, so the
+    reshape the loss's own comment describes is what is restated here.)"""
     rec = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
     b, n, k = pred.shape
     s = int(math.isqrt(n // modalities))
     shape = (b, k * modalities, s, s)
-    ref = (torch.fft.fft2(pred.reshape(shape)).abs() - torch.fft.fft2(target.reshape(shape)).abs()).abs().mean()
+    per_elem = (torch.fft.fft2(pred.reshape(shape)).abs() - torch.fft.fft2(target.reshape(shape)).abs()).abs()
+    ref = per_elem.mean()
     img = (torch.fft.fft2(pred_img).abs() - torch.fft.fft2(target_img).abs()).abs().mean()
-    return {
+    out = {
         "loss_rec": rec,
         "loss_fourier_reference": ref,
         "loss_fourier_image": img,
         "loss_reference": (1 - weight) * rec + weight * ref,
         "loss_image": (1 - weight) * rec + weight * img,
     }
+    if masked:
+        msk = (per_elem.reshape(b, n, k).mean(dim=-1) * mask).sum() / mask.sum()
+        out.update(loss_fourier_masked=msk, loss_masked=(1 - weight) * rec + weight * msk)
+    return out
 
 
 class ChannelAgnosticPatchEmbed(nn.Module):
@@ -231,10 +246,10 @@ class StandardDecoder(nn.Module):
 class ChannelAgnosticDecoder(nn.Module):
     """OpenPhenom-style decoder: modality tokens, shared cross-attention + MLP, one block stack per channel."""
 
-    def __init__(self, dim, depth, heads, cross_heads, channels, grid):
+    def __init__(self, dim, depth, heads, cross_heads, channels, grid, eps=1e-5):
         super().__init__()
         self.channels, self.tokens = channels, grid * grid
-        norm = partial(nn.LayerNorm, eps=1e-5)
+        norm = partial(nn.LayerNorm, eps=eps)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.placeholder = nn.Parameter(torch.zeros(1, 1, dim), requires_grad=False)
         self.modality_tokens = nn.ParameterList([nn.Parameter(torch.zeros(1, 1, dim)) for _ in range(channels)])
@@ -322,7 +337,7 @@ def run(mae, x, noise, channel_agnostic, geom):
     else:
         target, pred_img, m = patchify(x, p), unpatchify(pred, p, c, g), 1
     out.update(latent=latent, mask=mask, ids_restore=restore, pred=pred, target=target)
-    out.update(losses(pred, target, mask, pred_img, x, m, geom["fourier_weight"]))
+    out.update(losses(pred, target, mask, pred_img, x, m, geom["fourier_weight"], masked=geom.get("masked", False)))
     return out
 
 
@@ -372,7 +387,13 @@ def build(channel_agnostic, geom):
         vit.patch_embed = ChannelAgnosticPatchEmbed(geom["patch"], geom["width"])
         vit.pos_embed = nn.Parameter(sincos_table(geom["width"], g, repeat=geom["ca_max_chans"]), requires_grad=False)
         dec = ChannelAgnosticDecoder(
-            geom["dec_width"], geom["ca_dec_depth"], geom["dec_heads"], geom["ca_cross_heads"], geom["chans"], g
+            geom["dec_width"],
+            geom["ca_dec_depth"],
+            geom["dec_heads"],
+            geom["ca_cross_heads"],
+            geom["chans"],
+            g,
+            eps=geom.get("dec_eps", 1e-5),
         )
         pred_dim = geom["patch"] ** 2
     else:
@@ -382,10 +403,19 @@ def build(channel_agnostic, geom):
     return MAE(vit, dec, geom["dec_width"], pred_dim).eval()
 
 
-def make(name, channel_agnostic, seed):
+# OpenPhenom as released: CAMAEDecoder's defaults (LayerNorm eps 1e-6 as in the public phenom_beta config, 16-head
+# decoder blocks, 8-head cross-attention) and its default loss, the masked Fourier term (mask_fourier_loss=True).
+# Encoder depth 2 and decoder width 16 (head dims 1 and 2) keep the file small.
+OPENPHENOM_GEOM = dict(GEOM, depth=2, dec_width=16, dec_heads=16, ca_cross_heads=8, dec_eps=1e-6, masked=True)
+# what the masked-loss golden keeps (the encoder readouts are covered by ca_mae_legacy.npz)
+MASKED_KEYS = ("latent", "mask", "pred", "target", "loss_rec", "loss_fourier_reference", "loss_reference")
+MASKED_KEYS += ("loss_fourier_masked", "loss_masked")
+
+
+def make(name, channel_agnostic, seed, geom=GEOM, keep=None, out_dir=None):
+    """Build, perturb and run one model; write `name`.npz (keep: only these outputs, besides weights and inputs)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    geom = GEOM
     mae = build(channel_agnostic, geom)
     perturb(mae, gen)
     b, c, s = geom["batch"], geom["chans"], geom["img"]
@@ -401,24 +431,42 @@ def make(name, channel_agnostic, seed):
     arrays["x"] = x.permute(0, 2, 3, 1).numpy()  # NHWC float32
     arrays["noise"] = noise.numpy()
     for k, v in out.items():
-        arrays[k] = v.detach().numpy()
+        if keep is None or k in keep:
+            arrays[k] = v.detach().numpy()
     meta = dict(geom, channel_agnostic=channel_agnostic, timm=timm.__version__, torch=torch.__version__, seed=seed)
     arrays["meta"] = np.array(json.dumps(meta))
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{name}.npz"
+    out_dir = pathlib.Path(out_dir or OUT)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.npz"
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez_compressed(tmp, **arrays)
     tmp.replace(path)
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 
-def main():
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description="regenerate tests/goldens/{mae,ca_mae}_*.npz")
+    ap.add_argument("--only", action="append", help="write only this golden (repeatable), e.g. mae_legacy")
+    ap.add_argument("--out", default=None, help="folder to write to (default tests/goldens)")
+    args = ap.parse_args(argv)
     legacy = tuple(int(v) for v in timm.__version__.split(".")[:3]) <= (1, 0, 24)
     if legacy:
-        make("mae_legacy", channel_agnostic=False, seed=0)
-        make("ca_mae_legacy", channel_agnostic=True, seed=1)
+        jobs = {
+            "mae_legacy": dict(channel_agnostic=False, seed=0),
+            "ca_mae_legacy": dict(channel_agnostic=True, seed=1),
+            # OpenPhenom's default loss with the masked Fourier term, on its decoder defaults
+            "openphenom_masked_fourier": dict(channel_agnostic=True, seed=2, geom=OPENPHENOM_GEOM, keep=MASKED_KEYS),
+        }
     else:
-        make("mae_new", channel_agnostic=False, seed=0)
+        jobs = {"mae_new": dict(channel_agnostic=False, seed=0)}
+    unknown = sorted(set(args.only or ()) - set(jobs))
+    if unknown:
+        raise SystemExit(f"--only: {unknown} not written by this timm {timm.__version__}; choose from {sorted(jobs)}")
+    for name, kw in jobs.items():
+        if not args.only or name in args.only:
+            make(name, out_dir=args.out, **kw)
     if _NotAvailable.used:
         raise SystemExit(f"torchvision placeholder was used: {_NotAvailable.used}")
 

@@ -14,14 +14,15 @@ float16-representable number (stored as float16 to keep the files small; exact i
 - `interop_dinov2_swiglu.npz`: `vit_giant_patch14_dinov2` architecture (packed SwiGLU MLP), width 24.
 - `interop_dinov2_reg4.npz`: `vit_small_patch14_reg4_dinov2` (4 register tokens, no_embed_class).
 - `interop_openphenom.npz`: an OpenPhenom-shaped channel-agnostic MAE with the EXACT key layout of Recursion's
-  checkpoint (`encoder.vit_backbone.*` incl. `fc_norm` and an 11-channel `pos_embed`, `decoder.*` with 6
-  per-channel decoder stacks, 8-head cross-attention and LayerNorm eps 1e-5, `encoder_decoder_proj.*`,
-  `decoder_pred.*`). The model is built and run by the torch restatement of the OpenPhenom MAE in
-  `tools/goldens/make_goldens.py` (imported, not duplicated; its encoder is timm 0.9.7's VisionTransformer with
-  ParallelScalingBlock, legacy mlp_bias semantics) at the OpenPhenom geometry scaled down (24 px, patch 8,
-  width 32, depth 2). Saved: uint8 pixels, noise, per-block readouts (CLS, CLS+fc_norm, mean, mean+fc_norm) for
-  the 6-channel image and for its first 3 channels (channel-agnostic inference on fewer channels), the
-  masked latent, mask, ids_restore, reconstruction and losses.
+  checkpoint (`encoder.vit_backbone.*` incl. `fc_norm` and an 11-channel `pos_embed`, `decoder.*` with 6 per-channel
+  decoder stacks, 8-head cross-attention and LayerNorm eps 1e-5 (not OpenPhenom's 1e-6: the tests pass it
+  explicitly; `openphenom_masked_fourier.npz` of make_goldens.py has the released defaults),
+  `encoder_decoder_proj.*`, `decoder_pred.*`). The model is built and run by the torch restatement of the OpenPhenom
+  MAE in `tools/goldens/make_goldens.py` (imported, not duplicated; its encoder is timm 0.9.7's VisionTransformer
+  with ParallelScalingBlock, legacy mlp_bias semantics) at the OpenPhenom geometry scaled down (24 px, patch 8,
+  width 32, depth 2). Saved: uint8 pixels, noise, per-block readouts (CLS, CLS+fc_norm, mean, mean+fc_norm) for the
+  6-channel image and for its first 3 channels (channel-agnostic inference on fewer channels), the masked latent,
+  mask, ids_restore, reconstruction and losses.
 
 Environment (outside the repo; never the system python), and the two runs:
 

@@ -8,8 +8,9 @@ Key layout of Recursion's checkpoint (channel-agnostic CA-MAE-S/16):
 - `encoder_decoder_proj.{weight,bias}`: encoder width -> decoder width.
 - `decoder.*`: `mask_token`, `placeholder` (constant zeros added to the decoder CLS token; no effect on any
   output), `modality_tokens.{c}` (1, 1, Dd) per decoder channel, `pos_embeddings` (fixed sin-cos),
-  `cross_attention.{q,kv,proj}`, `mlp.{fc1,fc2}`, `query_norm`, `context_norm`, `out_norm` (LayerNorm eps 1e-5 in
-  the OpenPhenom build), `decoders.{c}.{i}.*` (timm Blocks, one stack per channel).
+  `cross_attention.{q,kv,proj}` (8 heads, fixed in CAMAEDecoder), `mlp.{fc1,fc2}`, `query_norm`, `context_norm`,
+  `out_norm`, `decoders.{c}.{i}.*` (timm Blocks, 16 heads, one stack per channel); every decoder LayerNorm has
+  eps 1e-6 (CAMAEDecoder's default and the public `phenom_beta` config).
 - `decoder_pred.{weight,bias}`: decoder width -> p*p pixels of one channel.
 
 A standard (non channel-agnostic) MAE in the same code base has `decoder.blocks.{i}.*` and `decoder.norm`.
@@ -17,13 +18,23 @@ This module holds both directions: the key mapping into our parameters (`mae_par
 `load_mae_weights`; the encoder part is `timm_vit`'s), reading files, inferring the geometry from the shapes,
 building the model without random init, and the export back to this layout (`openphenom_state_dict`,
 `export_openphenom`: safetensors with the encoder's `timm_kwargs` and the decoder settings in the metadata).
+An MAE trained with the default `model.bias='legacy'` (one `mlp_bias` per block, timm 0.9.7's) exports exactly;
+one trained with `model.bias='free'` is refused with a message naming the option to train with.
+
+Head counts and the eps are not in the shapes: `load_openphenom` reads them from the file's metadata (our export)
+or the `config.json` OpenPhenom's `save_pretrained` writes beside `model.safetensors` (a `torch.save` file under
+that name, which `readers.read_state_dict` reads by content); failing both it uses the values above and says so
+in one warning line. The loss defaults to OpenPhenom's masked Fourier term (`fourier='masked'`).
 
     mae = MAE(mae_config("CA-S/16"), rngs=nnx.Rngs(0))
     load_mae_weights(mae, openphenom_state_dict)          # encoder.vit_backbone., decoder., ...
+    mae = load_openphenom("OpenPhenom/model.safetensors")  # + OpenPhenom/config.json when present
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pathlib
 import re
@@ -34,7 +45,7 @@ from flax import nnx
 
 from vitally_jax.errors import ConfigError, WeightsError
 from vitally_jax.interop.params import _flatten, apply_params, flat_params, model_from_params
-from vitally_jax.interop.readers import StateDict, export_metadata, write_safetensors
+from vitally_jax.interop.readers import StateDict, export_metadata, read_safetensors_metadata, write_safetensors
 from vitally_jax.interop.timm_vit import (
     _linear,
     _norm,
@@ -44,6 +55,7 @@ from vitally_jax.interop.timm_vit import (
     _source_state,
     _stack,
     config_from_timm_state,
+    export_mlp_bias,
     load_timm_vit,
     timm_kwargs,
     timm_vit_state_dict,
@@ -61,7 +73,9 @@ DEC = OPENPHENOM_DECODER
 PROJ = OPENPHENOM_PROJ
 PRED = OPENPHENOM_PRED
 OPENPHENOM_DECODER_HEADS = 16
-OPENPHENOM_DECODER_EPS = 1e-5
+OPENPHENOM_CROSS_ATTN_HEADS = 8
+OPENPHENOM_DECODER_EPS = 1e-6
+log = logging.getLogger("vitally_jax.interop")
 
 
 def mae_params_from_openphenom(
@@ -119,23 +133,140 @@ def load_mae_weights(
     apply_params(mae, mae_params_from_openphenom(sd, mae.cfg, mlp_bias=mlp_bias, source=source), source)
 
 
+# OpenPhenom as released (`mae_modules.CAMAEDecoder` / `MAEDecoder` defaults and the public `phenom_beta` config):
+# 16-head decoder blocks, 8-head cross-attention (fixed in CAMAEDecoder), LayerNorm eps 1e-6, and the masked
+# Fourier loss (`mask_fourier_loss=True`). Used for what neither the file nor a config.json beside it says.
+OPENPHENOM_DEFAULTS = dict(
+    decoder_heads=OPENPHENOM_DECODER_HEADS,
+    cross_attn_heads=OPENPHENOM_CROSS_ATTN_HEADS,
+    decoder_eps=OPENPHENOM_DECODER_EPS,
+    fourier="masked",
+)
+_GEOMETRY = ("decoder_heads", "cross_attn_heads", "decoder_eps")  # not readable from the shapes
+
+
+def _config_error(where: str, field: str, value, expected: str) -> ConfigError:
+    return ConfigError(f"{where}: {field} {value!r}; expected {expected}")
+
+
+def _settings_from_hf_config(doc, where: str) -> dict:
+    """Settings from an OpenPhenom (Hugging Face `MAEConfig`) config.json document; {} if it is not one."""
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("decoder"), Mapping):
+        return {}
+    dec = doc["decoder"]
+    target = str(dec.get("_target_", ""))
+    if not target.endswith(("CAMAEDecoder", "MAEDecoder")) and doc.get("model_type") != "MAE":
+        return {}
+    out: dict = {}
+    for key, field in (("num_heads", "decoder_heads"), ("depth", "decoder_depth"), ("embed_dim", "decoder_width")):
+        if key in dec:
+            v = dec[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _config_error(where, f"decoder.{key}", v, "a positive integer")
+            out[field] = v
+    if "num_modalities" in dec and target.endswith("CAMAEDecoder"):
+        out["decoder_channels"] = dec["num_modalities"]
+    norm = dec.get("norm_layer")
+    if isinstance(norm, Mapping) and "eps" in norm:
+        eps = norm["eps"]
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < 1:
+            raise _config_error(where, "decoder.norm_layer.eps", eps, "a number in (0, 1)")
+        out["decoder_eps"] = float(eps)
+    elif target:  # the decoder class's own default (norm_layer = LayerNorm(eps=1e-6) in both decoders)
+        out["decoder_eps"] = OPENPHENOM_DECODER_EPS
+    if target.endswith("CAMAEDecoder"):
+        out["cross_attn_heads"] = OPENPHENOM_CROSS_ATTN_HEADS  # CAMAEDecoder builds CrossAttention(embed_dim) only
+    if "mask_fourier_loss" in doc:
+        if not isinstance(doc["mask_fourier_loss"], bool):
+            raise _config_error(where, "mask_fourier_loss", doc["mask_fourier_loss"], "true or false")
+        out["fourier"] = "masked" if doc["mask_fourier_loss"] else "reference"
+    return out
+
+
+def _settings_from_export(path: pathlib.Path) -> dict:
+    """Settings from the metadata `export_openphenom` writes into its safetensors files; {} if there is none."""
+    try:
+        meta = read_safetensors_metadata(path)
+    except WeightsError:
+        return {}  # not safetensors (e.g. a torch.save file): nothing stored
+    try:
+        doc = json.loads(meta.get("vitally_jax", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    dec = doc.get("decoder") if isinstance(doc, Mapping) else None
+    if not isinstance(dec, Mapping):
+        return {}
+    names = dict(heads="decoder_heads", cross_attn_heads="cross_attn_heads", eps="decoder_eps")
+    names.update(depth="decoder_depth", width="decoder_width", channels="decoder_channels")
+    return {field: dec[key] for key, field in names.items() if dec.get(key) is not None}
+
+
+def stored_settings(source=None, config=None) -> tuple[dict, str | None]:
+    """The decoder settings stored with an OpenPhenom checkpoint, and where they were found (None: nowhere).
+
+    source: the weight file (path); its safetensors metadata (written by `export_openphenom`) is read, else a
+    `config.json` in the same folder (what OpenPhenom's `save_pretrained` writes next to `model.safetensors`).
+    config: a config.json path or its parsed dict, which takes the place of the file beside the weights.
+    Found settings: decoder_heads, decoder_eps, cross_attn_heads, fourier ('masked' if `mask_fourier_loss`), and
+    decoder_depth / decoder_width / decoder_channels (checked against the weights' shapes)."""
+    if config is not None:
+        where = "config" if isinstance(config, Mapping) else str(config)
+        if isinstance(config, Mapping):
+            doc = config
+        else:
+            try:
+                doc = json.loads(pathlib.Path(config).read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ConfigError(
+                    f"{config}: not a readable OpenPhenom config.json ({' '.join(str(e).split())})"
+                ) from None
+        found = _settings_from_hf_config(doc, where)
+        if not found:
+            raise ConfigError(f"{where}: not an OpenPhenom config (expected a 'decoder' section naming CAMAEDecoder)")
+        return found, where
+    if source is None or isinstance(source, Mapping):
+        return {}, None
+    path = pathlib.Path(source)
+    found = _settings_from_export(path)
+    if found:
+        return found, f"{path} (metadata)"
+    beside = path.parent / "config.json"
+    if beside.is_file():
+        try:
+            doc = json.loads(beside.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            doc = None  # some other program's file: not ours to judge
+        found = _settings_from_hf_config(doc, str(beside))
+        if found:
+            return found, str(beside)
+    return {}, None
+
+
 def openphenom_config(
     state: Mapping[str, np.ndarray],
     *,
     source: str = "state dict",
-    decoder_heads: int = OPENPHENOM_DECODER_HEADS,
-    decoder_eps: float = OPENPHENOM_DECODER_EPS,
-    cross_attn_heads: int = 8,
+    stored: Mapping | None = None,
+    stored_in: str | None = None,
     **overrides,
 ) -> MAEConfig:
-    """Infer an `MAEConfig` from an OpenPhenom-layout state dict. Encoder fields in `overrides` go to the
-    encoder; the decoder head counts cannot be read from shapes (OpenPhenom: 16 block heads, 8 cross-attention
-    heads)."""
+    """Infer an `MAEConfig` from an OpenPhenom-layout state dict.
+
+    Width, depth, channels and MLP width come from the shapes. Head counts and the LayerNorm eps cannot: they come
+    from `overrides`, else `stored` (`stored_settings`: the file's metadata or its config.json, named by
+    `stored_in`), else OpenPhenom's defaults (`OPENPHENOM_DEFAULTS`: 16 block heads, 8 cross-attention heads,
+    eps 1e-6, fourier='masked'), and a warning line says which defaults were used. Encoder fields in `overrides`
+    go to the encoder; unknown names and invalid values are one-line `ConfigError`s, as in `mae_config`."""
     enc_fields = set(ViTConfig.__dataclass_fields__)
+    mae_fields = set(MAEConfig.__dataclass_fields__) - {"encoder"}
+    bad = sorted(set(overrides) - enc_fields - mae_fields)
+    if bad:
+        raise ConfigError(f"model: unknown MAE option(s) {bad}")
     enc = config_from_timm_state(
         state, prefix=ENC, source=source, **{k: v for k, v in overrides.items() if k in enc_fields}
     )
-    mae_over = {k: v for k, v in overrides.items() if k not in enc_fields}
+    mae_over = {k: v for k, v in overrides.items() if k in mae_fields}
+    stored = dict(stored or {})
     try:
         dd, de = state[PROJ + "weight"].shape
         mlp = state[DEC + "mlp.fc1.weight"].shape[0] if DEC + "mlp.fc1.weight" in state else None
@@ -146,35 +277,67 @@ def openphenom_config(
         nc = 1 + max(int(m.group(1)) for k in state if (m := re.match(re.escape(DEC) + r"modality_tokens\.(\d+)$", k)))
         pat = re.escape(DEC) + r"decoders\.0\.(\d+)\."
         depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(pat, k))), default=-1)
-        kw = dict(
-            decoder="channel_agnostic", decoder_channels=nc, cross_attn_heads=cross_attn_heads, decoder_eps=decoder_eps
-        )
+        kw = dict(decoder="channel_agnostic", decoder_channels=nc)
     else:
         depth = 1 + max(
             (int(m.group(1)) for k in state if (m := re.match(re.escape(DEC) + r"blocks\.(\d+)\.", k))), default=-1
         )
         mlp = state.get(DEC + "blocks.0.mlp.fc1.weight", np.zeros((4 * dd, 0))).shape[0]
-        kw = dict(decoder="standard", decoder_eps=overrides.get("decoder_eps", 1e-6))
+        kw = dict(decoder="standard")
+        stored.pop("cross_attn_heads", None)
     if depth < 1 or mlp is None:
         raise WeightsError(f"{source}: no decoder blocks found under {DEC!r}")
-    kw.update(
-        decoder_width=dd, decoder_depth=depth, decoder_heads=decoder_heads, decoder_mlp_ratio=(mlp or 4 * dd) / dd
-    )
+    kw.update(decoder_width=dd, decoder_depth=depth, decoder_mlp_ratio=(mlp or 4 * dd) / dd)
+    for field in ("decoder_depth", "decoder_width", "decoder_channels"):  # stored geometry must match the weights
+        if field in stored and field in kw and stored[field] != kw[field]:
+            raise WeightsError(
+                f"{source}: {stored_in} says {field}={stored[field]}, but the weights have {field}={kw[field]}"
+            )
+    defaulted = []
+    for field, default in OPENPHENOM_DEFAULTS.items():
+        if field == "cross_attn_heads" and not ca:
+            continue
+        if field in mae_over:
+            kw[field] = mae_over[field]
+        elif field in stored:
+            kw[field] = stored[field]
+        else:
+            kw[field] = default
+            if field in _GEOMETRY:
+                defaulted.append(f"{field}={default}")
     kw.update(mae_over)
+    if defaulted:
+        log.warning(
+            "%s: %s not stored in the file%s; using OpenPhenom's defaults (CAMAEDecoder, phenom_beta); pass them "
+            "to load_openphenom to override",
+            source,
+            ", ".join(defaulted),
+            "" if stored_in else " nor in a config.json beside it",
+        )
     try:
         return MAEConfig(encoder=enc, **kw)
     except TypeError as e:
         raise ConfigError(f"OpenPhenom model: {e}") from None
+    except ConfigError as e:
+        if defaulted:
+            raise ConfigError(f"{source}: {e} (with {', '.join(defaulted)}: OpenPhenom's defaults)") from None
+        raise
 
 
-def load_openphenom(source, *, mlp_bias: str = "legacy", **overrides) -> MAE:
+def load_openphenom(source, *, mlp_bias: str = "legacy", config=None, **overrides) -> MAE:
     """Load a full OpenPhenom-layout MAE (path or state dict) into our `MAE` (encoder + decoder).
 
-    mlp_bias: 'legacy' (Recursion's timm 0.9.7, default) | 'new'. overrides: encoder or MAE config fields
-    (decoder_heads, cross_attn_heads, fourier, mask_ratio, dtype, ...).
+    mlp_bias: 'legacy' (Recursion's timm 0.9.7, default) | 'new'. config: OpenPhenom's config.json (path or dict;
+    default: the one beside the weight file, if any). overrides: encoder or MAE config fields (decoder_heads,
+    cross_attn_heads, decoder_eps, fourier, mask_ratio, dtype, ...), validated like `mae_config`'s. Decoder
+    head counts and eps come from overrides, the file's metadata or config.json, else OpenPhenom's defaults
+    (`openphenom_config`); the loss defaults to OpenPhenom's masked Fourier term (fourier='masked').
     """
     name, state = _source_state(source, "")
-    cfg = openphenom_config(state, source=name, **overrides)
+    stored, stored_in = stored_settings(source, config)
+    cfg = openphenom_config(
+        state, source=name, stored=stored, stored_in=stored_in, **{"bias": mlp_bias, **overrides}
+    )  # blocks as the file's
     nested = mae_params_from_openphenom(state, cfg, mlp_bias=mlp_bias, source=name)
     return model_from_params(lambda: MAE(cfg, rngs=nnx.Rngs(0)), _flatten(nested), source=name)
 
@@ -185,9 +348,12 @@ def load_openphenom_encoder(source, *, mlp_bias: str = "legacy", **overrides) ->
 
 
 def openphenom_state_dict(
-    mae: MAE, *, mlp_bias: str = "legacy", fixed: Mapping[str, np.ndarray] | None = None
+    mae: MAE, *, mlp_bias: str | None = None, fixed: Mapping[str, np.ndarray] | None = None
 ) -> StateDict:
     """Our `MAE` -> a state dict in the OpenPhenom layout (float32 numpy, PyTorch shapes).
+
+    mlp_bias: the encoder blocks' semantics to write (None = the model's own `bias`; OpenPhenom's code is timm
+    0.9.7, 'legacy'). A model trained with `model.bias='free'` is refused (`timm_vit.encoder_to_timm`).
 
     The fixed tables (`encoder.vit_backbone.pos_embed`, `decoder.pos_embeddings`) are recomputed and
     `decoder.placeholder` is zeros, unless `fixed` supplies them (e.g. the arrays of the file a model was loaded
@@ -268,12 +434,13 @@ def export_openphenom(
     path: str | os.PathLike,
     mae: MAE,
     *,
-    mlp_bias: str = "legacy",
+    mlp_bias: str | None = None,
     fixed: Mapping[str, np.ndarray] | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Write a whole `MAE` in the OpenPhenom layout (safetensors); see `openphenom_state_dict`."""
     cfg = mae.cfg
+    mlp_bias = export_mlp_bias(cfg.encoder, mlp_bias)
     state = openphenom_state_dict(mae, mlp_bias=mlp_bias, fixed=fixed)
     meta = export_metadata(
         "openphenom",

@@ -21,7 +21,10 @@ metadata says so.
   concat(zeros(3D), mlp_bias): fc1 = b[0:H], q = b[H:H+D], k = b[H+D:H+2D], v = b[H+2D:].
 - 'new' (timm >= 1.0.25): fc1 = mlp_bias, q = k = v = 0.
 The state dict keys are identical under both; only the outputs differ, so the flag must match the timm version
-that produced (or will consume) the weights.
+that produced (or will consume) the weights. Our blocks carry the same single trainable vector
+(`ViTConfig.bias`: 'legacy' by default, or 'new'): a loaded file builds the matching encoder, and any encoder
+trained with either exports exactly. `bias='free'` (separate fc1/q/k/v biases) loads files too, but once
+trained it has no timm equivalent and its export is refused with a message naming the option to train with.
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ import pathlib
 import re
 from collections.abc import Mapping
 
+import jax
 import numpy as np
 from flax import nnx
 
 from vitally_jax.errors import ConfigError, WeightsError
 from vitally_jax.interop.params import _flatten, apply_params, model_from_params
 from vitally_jax.interop.readers import StateDict, export_metadata, read_state_dict, write_safetensors
-from vitally_jax.models.layers import sincos_2d
+from vitally_jax.models.layers import effective_in_bias, sincos_2d
 from vitally_jax.models.vit import ViTConfig, ViTEncoder, vit_config
 
 OPENPHENOM_MAX_IN_CHANS = 11
@@ -104,21 +108,20 @@ def _stack(items: list[dict]) -> dict:
     return np.stack(items)
 
 
-def _parallel_block(r: _Reader, key: str, d: int, heads: int, h: int, mlp_bias: str) -> dict:
+def _parallel_block(r: _Reader, key: str, d: int, heads: int, h: int, mlp_bias: str, bias: str) -> dict:
+    """One ParallelScalingBlock; `mlp_bias` is the file's semantics, `bias` our block's parameterisation (the
+    same, or 'free', which takes the effective biases)."""
     hd = d // heads
     mb = r.take(key + ".mlp_bias", (h,))
-    if mlp_bias == "legacy":
-        b = np.concatenate([np.zeros(3 * d, np.float32), mb])
-        fc1, q, k, v = b[:h], b[h : h + d], b[h + d : h + 2 * d], b[h + 2 * d :]
+    if bias == "free":
+        b = effective_in_bias(mlp_bias, {"mlp_bias": mb}, d, h)
+        biases = {"fc1_bias": b[:h], "q_bias": b[h : h + d], "k_bias": b[h + d : h + 2 * d], "v_bias": b[h + 2 * d :]}
     else:
-        fc1, q, k, v = mb, *(np.zeros(d, np.float32) for _ in range(3))
+        biases = {"mlp_bias": mb}
     return {
         "in_norm": _norm(r, key + ".in_norm", d),
         "in_proj": r.take(key + ".in_proj.weight", (h + 3 * d, d)).T,
-        "fc1_bias": fc1,
-        "q_bias": q,
-        "k_bias": k,
-        "v_bias": v,
+        **biases,
         "q_norm": _norm(r, key + ".q_norm", hd),
         "k_norm": _norm(r, key + ".k_norm", hd),
         "attn_out": _linear(r, key + ".attn_out_proj", d, d),
@@ -147,9 +150,18 @@ def _prenorm_block(
     return out
 
 
-def _read_encoder(r: _Reader, cfg, prefix: str, mlp_bias: str) -> dict:
+def _check_mlp_bias(mlp_bias: str) -> None:
     if mlp_bias not in MLP_BIAS_MODES:
         raise WeightsError(f"mlp_bias={mlp_bias!r}: expected one of {MLP_BIAS_MODES}")
+
+
+def _read_encoder(r: _Reader, cfg, prefix: str, mlp_bias: str) -> dict:
+    _check_mlp_bias(mlp_bias)
+    if cfg.block == "parallel" and cfg.bias not in ("free", mlp_bias):
+        raise WeightsError(
+            f"{r.source}: mlp_bias={mlp_bias!r} weights need an encoder built with model.bias={mlp_bias!r} (or "
+            f"'free'); this one has model.bias={cfg.bias!r}"
+        )
     d, p, g = cfg.width, cfg.patch_size, cfg.grid
     cin = 1 if cfg.channel_agnostic else cfg.in_chans
     w = r.take(prefix + "patch_embed.proj.weight", (d, cin, p, p))
@@ -162,7 +174,8 @@ def _read_encoder(r: _Reader, cfg, prefix: str, mlp_bias: str) -> dict:
     r.check_table(prefix + "pos_embed", sincos_2d(g, g, d, cls_row=True, repeat=reps))
     if cfg.block == "parallel":
         blocks = [
-            _parallel_block(r, f"{prefix}blocks.{i}", d, cfg.num_heads, cfg.mlp_dim, mlp_bias) for i in range(cfg.depth)
+            _parallel_block(r, f"{prefix}blocks.{i}", d, cfg.num_heads, cfg.mlp_dim, mlp_bias, cfg.bias)
+            for i in range(cfg.depth)
         ]
     else:
         blocks = [
@@ -204,20 +217,54 @@ def load_encoder_weights(
     )
 
 
-def encoder_to_timm(encoder, *, mlp_bias: str = "legacy", prefix: str = "") -> dict[str, np.ndarray]:
+def export_mlp_bias(cfg: ViTConfig, mlp_bias: str | None = None) -> str:
+    """The `mlp_bias` semantics an export of an encoder with config `cfg` is written in: `mlp_bias` if given,
+    else the encoder's own (`cfg.bias`; 'legacy' for a 'free' encoder)."""
+    if mlp_bias is None:
+        return "legacy" if cfg.bias == "free" else cfg.bias
+    _check_mlp_bias(mlp_bias)
+    return mlp_bias
+
+
+def _timm_mlp_bias(block_params: dict, i: int, cfg: ViTConfig, target: str) -> np.ndarray:
+    """Block i's timm `mlp_bias` in `target` semantics from our parameters; WeightsError if it cannot hold them."""
+    d, h = cfg.width, cfg.mlp_dim
+    names = ("fc1_bias", "q_bias", "k_bias", "v_bias") if cfg.bias == "free" else ("mlp_bias",)
+    own = {n: np.asarray(block_params[n], np.float32)[i] for n in names}
+    if cfg.bias == target:
+        return own["mlp_bias"]
+    eff = effective_in_bias(cfg.bias, own, d, h)
+    zero, mb = (eff[: 3 * d], eff[3 * d :]) if target == "legacy" else (eff[h:], eff[:h])
+    if not np.any(zero != 0):
+        return mb
+    if cfg.bias == "free":
+        raise WeightsError(
+            f"encoder_to_timm: block {i} has separate fc1/q/k/v biases (model.bias='free') that timm's {target} "
+            "mlp_bias cannot hold; train with model.bias='legacy' (timm <= 1.0.24 and OpenPhenom, the default) or "
+            "'new' (timm >= 1.0.25) to export"
+        )
+    part = "the first 3*width effective biases must be zero" if target == "legacy" else "it has no q/k/v biases"
+    raise WeightsError(
+        f"encoder_to_timm: block {i} biases (model.bias={cfg.bias!r}) are not expressible as {target} mlp_bias "
+        f"({part}); export with mlp_bias={cfg.bias!r}"
+    )
+
+
+def encoder_to_timm(encoder, *, mlp_bias: str | None = None, prefix: str = "") -> dict[str, np.ndarray]:
     """Our parallel-scaling `ViTEncoder` -> timm state dict (float32 numpy), including the fixed `pos_embed`.
 
-    WeightsError when the biases cannot be expressed in the chosen `mlp_bias` semantics.
+    mlp_bias: the semantics to write ('legacy' | 'new'; None = the encoder's own `cfg.bias`, see
+    `export_mlp_bias`). An encoder built with that parameterisation exports exactly; otherwise its effective
+    biases are converted where the target can hold them, and WeightsError says which option to use where not
+    (a trained `model.bias='free'` encoder never fits).
     """
     cfg = encoder.cfg
     if cfg.block != "parallel":
         raise WeightsError("encoder_to_timm: only parallel-scaling encoders are exported")
-    if mlp_bias not in MLP_BIAS_MODES:
-        raise WeightsError(f"mlp_bias={mlp_bias!r}: expected one of {MLP_BIAS_MODES}")
-    s = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
-    s = {k: v for k, v in s.items()}
+    target = export_mlp_bias(cfg, mlp_bias)
     a = lambda x: np.asarray(x, np.float32)  # noqa: E731
-    d, h = cfg.width, cfg.mlp_dim
+    s = jax.tree.map(a, nnx.to_pure_dict(nnx.state(encoder, nnx.Param)))  # one device -> host copy per leaf
+    d = cfg.width
     out = {
         "cls_token": a(s["cls_token"]),
         "patch_embed.proj.weight": a(s["patch_embed"]["kernel"]).transpose(3, 2, 0, 1),
@@ -230,18 +277,7 @@ def encoder_to_timm(encoder, *, mlp_bias: str = "legacy", prefix: str = "") -> d
     b = s["blocks"]
     for i in range(cfg.depth):
         k = f"blocks.{i}."
-        eff = np.concatenate([a(b[n])[i] for n in ("fc1_bias", "q_bias", "k_bias", "v_bias")])
-        if mlp_bias == "legacy":
-            if np.any(eff[: 3 * d] != 0):
-                raise WeightsError(
-                    f"encoder_to_timm: block {i} biases are not expressible as legacy mlp_bias "
-                    "(the first 3*width effective biases must be zero)"
-                )
-            mb = eff[3 * d :]
-        else:
-            if np.any(eff[h:] != 0):
-                raise WeightsError(f"encoder_to_timm: block {i} has q/k/v biases; not expressible with mlp_bias='new'")
-            mb = eff[:h]
+        mb = _timm_mlp_bias(b, i, cfg, target)
         out[k + "in_norm.weight"], out[k + "in_norm.bias"] = a(b["in_norm"]["scale"])[i], a(b["in_norm"]["bias"])[i]
         out[k + "in_proj.weight"] = a(b["in_proj"])[i].T
         out[k + "mlp_bias"] = mb
@@ -268,9 +304,17 @@ def _source_state(source, prefix: str) -> tuple[str, StateDict]:
 
 
 def config_from_timm_state(
-    state: Mapping[str, np.ndarray], *, prefix: str = "", source: str = "state dict", **overrides
+    state: Mapping[str, np.ndarray],
+    *,
+    prefix: str = "",
+    source: str = "state dict",
+    mlp_bias: str = "legacy",
+    **overrides,
 ) -> ViTConfig:
     """Infer a `ViTConfig` from a timm ViT state dict's shapes (keys under `prefix`); `overrides` win.
+
+    The block biases are parameterised as the file's `mlp_bias` semantics (`bias='legacy'` or `'new'`), so the
+    model trains and exports in timm's own layout (override with `bias='free'` for separate fc1/q/k/v biases).
 
     Width, depth, heads (from the QK-norm size), MLP width, patch size, channel-agnostic patch embedding
     (a 1-channel conv, unless `channel_agnostic=False` is given), block kind and pooling norm (`norm` -> 'token',
@@ -278,6 +322,7 @@ def config_from_timm_state(
     The grid is taken from `pos_embed`; for channel-agnostic models the table holds `max_in_chans` grids
     (11 for OpenPhenom, unless `max_in_chans` or `img_size` is given).
     """
+    _check_mlp_bias(mlp_bias)
     P = prefix
     try:
         d = state[P + "cls_token"].shape[-1]
@@ -303,6 +348,7 @@ def config_from_timm_state(
         cfg["mlp_dim"] = max(sorted(set(votes)), key=votes.count)
         hd = state[b0 + "q_norm.weight"].shape[0] if b0 + "q_norm.weight" in state else 64
         cfg["init_values"] = 1e-4
+        cfg["bias"] = mlp_bias
     elif b0 + "attn.qkv.weight" in state:
         cfg["block"] = "prenorm"
         cfg["mlp_dim"] = state[b0 + "mlp.fc1.weight"].shape[0]
@@ -353,7 +399,7 @@ def load_timm_vit(
     """
     name, state = _source_state(source, prefix)
     state = {k: v for k, v in state.items() if k.startswith(prefix)}
-    cfg = config_from_timm_state(state, prefix=prefix, source=name, **overrides)
+    cfg = config_from_timm_state(state, prefix=prefix, source=name, mlp_bias=mlp_bias, **overrides)
     if variant is not None:
         want = vit_config(variant)
         keys = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "channel_agnostic")
@@ -366,11 +412,12 @@ def load_timm_vit(
     return model_from_params(lambda: ViTEncoder(cfg, rngs=nnx.Rngs(0)), _flatten(nested), source=name)
 
 
-def timm_vit_state_dict(encoder: ViTEncoder, *, mlp_bias: str = "legacy", prefix: str = "") -> StateDict:
+def timm_vit_state_dict(encoder: ViTEncoder, *, mlp_bias: str | None = None, prefix: str = "") -> StateDict:
     """Our parallel-scaling `ViTEncoder` -> timm state dict (float32 numpy, PyTorch layout), keys under `prefix`.
 
-    `pos_embed` is the fixed sin-cos table. `WeightsError` if the block biases cannot be expressed with the
-    chosen `mlp_bias` semantics (legacy: the first 3*width effective biases must be zero; new: q/k/v biases).
+    `pos_embed` is the fixed sin-cos table. mlp_bias: None = the encoder's own semantics (`export_mlp_bias`).
+    `WeightsError` if the block biases cannot be expressed with the chosen `mlp_bias` semantics (legacy: the first
+    3*width effective biases must be zero; new: no q/k/v biases), e.g. after training with `model.bias='free'`.
     """
     state = encoder_to_timm(encoder, mlp_bias=mlp_bias, prefix=prefix)
     return {k: np.ascontiguousarray(v) for k, v in state.items()}
@@ -400,10 +447,18 @@ def timm_kwargs(cfg: ViTConfig) -> dict:
 
 
 def export_timm_vit(
-    path: str | os.PathLike, encoder: ViTEncoder, *, mlp_bias: str = "legacy", prefix: str = "", overwrite: bool = False
+    path: str | os.PathLike,
+    encoder: ViTEncoder,
+    *,
+    mlp_bias: str | None = None,
+    prefix: str = "",
+    overwrite: bool = False,
 ) -> pathlib.Path:
-    """Write `encoder` as a timm ViT state dict (safetensors). WeightsError if the biases do not fit `mlp_bias`."""
+    """Write `encoder` as a timm ViT state dict (safetensors) in `mlp_bias` semantics (None = the encoder's own,
+    `export_mlp_bias`; 'legacy' loads into timm <= 1.0.24, 'new' into timm >= 1.0.25). WeightsError if the
+    biases do not fit (a trained `model.bias='free'` encoder: the message names the option to train with)."""
     cfg = encoder.cfg
+    mlp_bias = export_mlp_bias(cfg, mlp_bias)
     state = timm_vit_state_dict(encoder, mlp_bias=mlp_bias, prefix=prefix)
     meta = export_metadata(
         "timm_vit",

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vitally_jax.models import attention as attention_lib
+
 _xavier = nnx.initializers.xavier_uniform()
 
 
@@ -103,40 +105,17 @@ def drop_path(x: jax.Array, rate, key: jax.Array | None) -> jax.Array:
     return jnp.where(mask, x / keep, jnp.zeros_like(x)).astype(x.dtype)
 
 
-ATTENTION_IMPLS = (None, "xla", "cudnn", "head_groups")
+ATTENTION_IMPLS = attention_lib.IMPLS
+head_group_attention = attention_lib.head_group_attention
 
 
 def attention(q, k, v, impl: str | None):
     """Multi-head softmax attention; q (B, Tq, N, h), k/v (B, Tk, N, h) -> (B, Tq, N, h); scale 1/sqrt(h).
 
-    impl: "xla" / "cudnn" -> `jax.nn.dot_product_attention` with that implementation; "head_groups" -> the same
-    attention computed as independent groups of two heads (`head_group_attention`); None -> "head_groups" when
-    compiling for CPU, else `jax.nn.dot_product_attention`'s own choice.
+    impl: None (per backend: TPU splash, GPU cuDNN with an XLA fallback, CPU head groups) | "xla" | "cudnn" |
+    "splash" | "head_groups"; see `vitally_jax.models.attention`, which logs the choice once.
     """
-    if impl == "head_groups" or (impl is None and jax.default_backend() == "cpu"):
-        return head_group_attention(q, k, v)
-    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
-
-
-def head_group_attention(q, k, v, heads_per_group: int = 2):
-    """Softmax attention as independent groups of heads, concatenated; same shapes and result as
-    `jax.nn.dot_product_attention` (to float32 rounding).
-
-    Why: XLA:CPU's batched (T x h) @ (h x T) matmuls over all B x N heads run at about half the rate of PyTorch's
-    bmm. Split into groups, the smaller batched matmuls run faster, and the independent groups' matmuls and
-    softmaxes can run concurrently in XLA's executor:
-    the MAE decoder's attention over 257 tokens (batch 32, 16 heads of 32) takes 518 instead of 847 ms forward +
-    backward, and the S/16 train step at 256 px 7% less time (40.5 vs 43.4 s; `tools/perf/profile_train_step.py`)."""
-    n = q.shape[2]
-    g = heads_per_group if n % heads_per_group == 0 else 1
-    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-
-    def one(sl):
-        s = jnp.einsum("bqnh,bknh->bnqk", q[:, :, sl] * scale, k[:, :, sl], preferred_element_type=jnp.float32)
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        return jnp.einsum("bnqk,bknh->bqnh", p, v[:, :, sl])
-
-    return jnp.concatenate([one(slice(i, i + g)) for i in range(0, n, g)], axis=2)
+    return attention_lib.attention(q, k, v, impl)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,12 +190,36 @@ class ChannelAgnosticPatchEmbed(nnx.Module):
         return jnp.dot(t, k.reshape(-1, k.shape[-1]).astype(self.dtype)) + self.bias[...].astype(self.dtype)
 
 
+BIAS_MODES = ("legacy", "new", "free")
+
+
+def effective_in_bias(mode: str, params: dict, dim: int, mlp_dim: int):
+    """The bias a parallel block adds to its fused [mlp | q | k | v] projection (length mlp_dim + 3 * dim).
+
+    mode 'legacy' (timm <= 1.0.24, what Recursion trained): concat(zeros(3 * dim), mlp_bias), so the one
+    trainable (mlp_dim,) vector lands on fc1[3 * dim:], q, k and v (for mlp_dim = 4 * dim) and fc1[:3 * dim] is 0;
+    'new' (timm >= 1.0.25): concat(mlp_bias, zeros(3 * dim)), fc1 only; 'free': concat(fc1_bias, q_bias, k_bias,
+    v_bias), four independent vectors. `params` maps those names to arrays (jax or numpy; a leading layer axis is
+    kept).
+    """
+    xp = np if all(isinstance(v, np.ndarray) for v in params.values()) else jnp
+    if mode == "free":
+        return xp.concatenate([params[n] for n in ("fc1_bias", "q_bias", "k_bias", "v_bias")], axis=-1)
+    mb = params["mlp_bias"]
+    zeros = xp.zeros(mb.shape[:-1] + (3 * dim,), mb.dtype)
+    return xp.concatenate([zeros, mb] if mode == "legacy" else [mb, zeros], axis=-1)
+
+
 class ParallelBlock(nnx.Module):
     """ViT-22B style parallel-scaling block (timm ParallelScalingBlock, qkv_bias=False, qk_norm=True).
 
-    y = LN_in(x); [m | q | k | v] = y @ in_proj + [fc1_bias | q_bias | k_bias | v_bias];
-    q, k = LN_q, LN_k per head (with bias); a = attn(q, k, v) @ attn_out; m = gelu_exact(m) @ mlp_out;
-    x + drop_path(gamma * (a + m)).   x: (B, N, D) -> (B, N, D).
+    y = LN_in(x); [m | q | k | v] = y @ in_proj + b; q, k = LN_q, LN_k per head (with bias);
+    a = attn(q, k, v) @ attn_out; m = gelu_exact(m) @ mlp_out; x + drop_path(gamma * (a + m)).
+    x: (B, N, D) -> (B, N, D).
+
+    `bias` chooses the trainable parameters behind b (`effective_in_bias`): 'legacy' (default) and 'new' have
+    one `mlp_bias` (mlp_dim,) vector, as timm's block has, so a trained model exports to timm unchanged;
+    'free' has separate `fc1_bias`, `q_bias`, `k_bias`, `v_bias`, which timm cannot hold once trained.
     """
 
     def __init__(
@@ -227,20 +230,27 @@ class ParallelBlock(nnx.Module):
         *,
         eps: float = 1e-6,
         init_values: float = 1e-4,
+        bias: str = "legacy",
         dtype=jnp.float32,
         attention_impl: str | None = None,
         rngs: nnx.Rngs,
     ):
         if dim % heads:
             raise ValueError(f"width {dim} not divisible by heads {heads}")
+        if bias not in BIAS_MODES:
+            raise ValueError(f"bias {bias!r}: expected one of {BIAS_MODES}")
         hd = dim // heads
         self.dim, self.heads, self.mlp_dim, self.dtype, self.impl = dim, heads, mlp_dim, dtype, attention_impl
+        self.bias_mode = bias
         self.in_norm = LayerNorm(dim, eps)
         self.in_proj = nnx.Param(_xavier(rngs.params(), (dim, mlp_dim + 3 * dim), jnp.float32))
-        self.fc1_bias = nnx.Param(jnp.zeros((mlp_dim,), jnp.float32))
-        self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
-        self.k_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
-        self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        if bias == "free":
+            self.fc1_bias = nnx.Param(jnp.zeros((mlp_dim,), jnp.float32))
+            self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+            self.k_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+            self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        else:
+            self.mlp_bias = nnx.Param(jnp.zeros((mlp_dim,), jnp.float32))
         self.q_norm = LayerNorm(hd, eps)
         self.k_norm = LayerNorm(hd, eps)
         self.attn_out = Linear(dim, dim, dtype=dtype, rngs=rngs)
@@ -251,7 +261,8 @@ class ParallelBlock(nnx.Module):
         b, n, d = x.shape
         dt = self.dtype
         y = self.in_norm(x).astype(dt)
-        bias = jnp.concatenate([self.fc1_bias[...], self.q_bias[...], self.k_bias[...], self.v_bias[...]])
+        names = ("fc1_bias", "q_bias", "k_bias", "v_bias") if self.bias_mode == "free" else ("mlp_bias",)
+        bias = effective_in_bias(self.bias_mode, {n: getattr(self, n)[...] for n in names}, d, self.mlp_dim)
         y = jnp.dot(y, self.in_proj[...].astype(dt)) + bias.astype(dt)
         h = self.mlp_dim
         m, q, k, v = y[..., :h], y[..., h : h + d], y[..., h + d : h + 2 * d], y[..., h + 2 * d :]

@@ -6,7 +6,9 @@
     out["loss"], out["loss_rec"], out["loss_fourier"], out["pred"], out["target"], out["mask"], out["latent"]
 
 `pred`/`target` are (B, L, p*p*C) for the standard decoder and (B, C*g*g, p*p) (one channel per token,
-channel-major) for the channel-agnostic one. Loss = (1 - a) * masked MSE + a * Fourier L1, a = 0.01.
+channel-major) for the channel-agnostic one. Loss = (1 - a) * masked MSE + a * Fourier L1, a = 0.01; the Fourier
+term (`MAEConfig.fourier`): 'reference' = mean over all tokens of the reference's raw-reshape FFT L1, 'masked' = the
+same averaged over the masked tokens only (OpenPhenom's `mask_fourier_loss=True`), 'image' = FFT of whole images.
 """
 
 from __future__ import annotations
@@ -39,7 +41,39 @@ class MAEConfig:
     cross_attn_heads: int = 8  # channel-agnostic cross-attention heads
     mask_ratio: float = 0.75
     fourier_weight: float = 0.01
-    fourier: str = "reference"  # 'reference' (raw reshape, bit-compatible) | 'image' (FFT of the image)
+    # 'reference' (raw reshape, mean over all tokens: bit-compatible) | 'masked' (the same FFT L1 averaged over the
+    # masked tokens only: OpenPhenom's default mask_fourier_loss=True) | 'image' (FFT of the unpatchified image)
+    fourier: str = "reference"
+    # per-patch normalised reconstruction targets (the MAE paper's norm_pix_loss): each target patch (per channel
+    # for the channel-agnostic decoder) is standardised by its own mean and variance before the masked MSE
+    norm_pix_loss: bool = False
+
+    def __post_init__(self):
+        check_mae_config(self)  # every construction, incl. dataclasses.replace, is validated
+
+
+FOURIER_MODES = ("reference", "masked", "image")
+
+
+def check_mae_config(cfg: MAEConfig) -> MAEConfig:
+    """Raise one `ConfigError` line naming the field if `cfg`'s MAE options are invalid; returns `cfg`.
+
+    Every path that builds an `MAEConfig` (`mae_config`, the training config, the OpenPhenom loader) runs it."""
+    if cfg.decoder not in ("standard", "channel_agnostic"):
+        raise ConfigError(f"model.decoder: {cfg.decoder!r}; expected 'standard' or 'channel_agnostic'")
+    if (cfg.decoder == "channel_agnostic") != cfg.encoder.channel_agnostic:
+        raise ConfigError("model.decoder: the channel-agnostic decoder needs a channel-agnostic encoder and vice versa")
+    if cfg.fourier not in FOURIER_MODES:
+        raise ConfigError(f"model.fourier: {cfg.fourier!r}; expected one of {', '.join(map(repr, FOURIER_MODES))}")
+    if not 0.0 < cfg.mask_ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio: {cfg.mask_ratio}; expected 0 < ratio < 1")
+    if cfg.decoder_width % cfg.decoder_heads or cfg.decoder_width % 4:
+        raise ConfigError(f"model.decoder_width {cfg.decoder_width}: must be divisible by 4 and by decoder_heads")
+    if cfg.decoder == "channel_agnostic" and cfg.decoder_width % cfg.cross_attn_heads:
+        raise ConfigError(
+            f"model.cross_attn_heads {cfg.cross_attn_heads}: must divide decoder_width {cfg.decoder_width}"
+        )
+    return cfg
 
 
 def mae_config(variant: str, **overrides) -> MAEConfig:
@@ -56,18 +90,7 @@ def mae_config(variant: str, **overrides) -> MAEConfig:
     if variant.split("/")[0].endswith("mu"):
         base.update(decoder_width=32, decoder_depth=2, decoder_heads=2, cross_attn_heads=2, decoder_channels=3)
     base.update({k: v for k, v in overrides.items() if k in mae_fields})
-    cfg = MAEConfig(encoder=enc, **base)
-    if cfg.decoder not in ("standard", "channel_agnostic"):
-        raise ConfigError(f"model.decoder: {cfg.decoder!r}; expected 'standard' or 'channel_agnostic'")
-    if (cfg.decoder == "channel_agnostic") != enc.channel_agnostic:
-        raise ConfigError("model.decoder: the channel-agnostic decoder needs a channel-agnostic encoder and vice versa")
-    if cfg.fourier not in ("reference", "image"):
-        raise ConfigError(f"model.fourier: {cfg.fourier!r}; expected 'reference' or 'image'")
-    if not 0.0 < cfg.mask_ratio < 1.0:
-        raise ConfigError(f"model.mask_ratio: {cfg.mask_ratio}; expected 0 < ratio < 1")
-    if cfg.decoder_width % cfg.decoder_heads or cfg.decoder_width % 4:
-        raise ConfigError(f"model.decoder_width {cfg.decoder_width}: must be divisible by 4 and by decoder_heads")
-    return cfg
+    return MAEConfig(encoder=enc, **base)  # checked by check_mae_config in __post_init__
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -81,25 +104,52 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array
     return jnp.sum(per_token * mask) / jnp.sum(mask)
 
 
-def fourier_reference(pred: jax.Array, target: jax.Array, modalities: int) -> jax.Array:
-    """Reference Fourier L1: raw row-major reshape (B, L, K) -> (B, K*M, s, s), s = sqrt(L/M), |FFT2| L1 mean."""
-    b, n, k = pred.shape
+def normalize_patches(target: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Standardise every target patch (B, L, K) by its own mean and variance over K (norm_pix_loss)."""
+    t = target.astype(jnp.float32)
+    mean = jnp.mean(t, axis=-1, keepdims=True)
+    var = jnp.var(t, axis=-1, keepdims=True)
+    return (t - mean) / jnp.sqrt(var + eps)
+
+
+def _reference_shape(shape: tuple[int, int, int], modalities: int, mode: str) -> tuple[int, int, int, int]:
+    b, n, k = shape
     s = math.isqrt(n // modalities)
     if s * s * modalities != n:
-        raise ConfigError(f"fourier='reference' needs L/M square: L={n}, M={modalities}; use fourier='image'")
-    shape = (b, k * modalities, s, s)
+        raise ConfigError(f"fourier={mode!r} needs L/M square: L={n}, M={modalities}; use fourier='image'")
+    return (b, k * modalities, s, s)
+
+
+def fourier_reference(pred: jax.Array, target: jax.Array, modalities: int) -> jax.Array:
+    """Reference Fourier L1: raw row-major reshape (B, L, K) -> (B, K*M, s, s), s = sqrt(L/M), |FFT2| L1 mean."""
+    shape = _reference_shape(pred.shape, modalities, "reference")
     return _fourier_l1(pred.reshape(shape), target.reshape(shape), axes=(2, 3))
 
 
-def _fourier_l1(pred: jax.Array, target: jax.Array, axes: tuple[int, int]) -> jax.Array:
-    """mean | |FFT2(pred)| - |FFT2(target)| | over `axes`, in float32. The FFTs run shard by shard over the batch:
-    left to XLA's SPMD partitioner they are replicated over the whole global batch on every device (per-device
-    memory then grows with the device count: +2 GiB per crop at 256 devices for L/8)."""
+def fourier_masked(pred: jax.Array, target: jax.Array, mask: jax.Array, modalities: int) -> jax.Array:
+    """OpenPhenom's masked Fourier L1 (`mask_fourier_loss=True`): the element-wise | |FFT2| - |FFT2| | of
+    `fourier_reference` (on the raw reshape (B, K*M, s, s)), reshaped back to tokens (B, L, K) the same raw way,
+    averaged over K, then over the masked tokens: sum_t mask_t * mean_k F_tk / sum_t mask_t. mask (B, L)."""
+    shape = _reference_shape(pred.shape, modalities, "masked")
+    per_elem = _fourier_diff(pred.reshape(shape), target.reshape(shape), axes=(2, 3))
+    per_token = jnp.mean(per_elem.reshape(pred.shape), axis=-1)
+    return jnp.sum(per_token * mask) / jnp.sum(mask)
+
+
+def _fourier_diff(pred: jax.Array, target: jax.Array, axes: tuple[int, int]) -> jax.Array:
+    """| |FFT2(pred)| - |FFT2(target)| | element-wise over `axes`, in float32. The FFTs run shard by shard over
+    the batch: left to XLA's SPMD partitioner they are replicated over the whole global batch on every device
+    (per-device memory then grows with the device count: +2 GiB per crop at 256 devices for L/8)."""
 
     def diff(p, t):
         return jnp.abs(jnp.abs(jnp.fft.fft2(p, axes=axes)) - jnp.abs(jnp.fft.fft2(t, axes=axes)))
 
-    return jnp.mean(sharding.map_batch_shards(diff, pred.astype(jnp.float32), target.astype(jnp.float32)))
+    return sharding.map_batch_shards(diff, pred.astype(jnp.float32), target.astype(jnp.float32))
+
+
+def _fourier_l1(pred: jax.Array, target: jax.Array, axes: tuple[int, int]) -> jax.Array:
+    """mean | |FFT2(pred)| - |FFT2(target)| | over every element (see `_fourier_diff`)."""
+    return jnp.mean(_fourier_diff(pred, target, axes))
 
 
 def fourier_image(pred_img: jax.Array, target_img: jax.Array) -> jax.Array:
@@ -214,9 +264,13 @@ class MAE(nnx.Module):
         latent, mask, ids_restore = self.encoder.encode_masked(x, noise, cfg.mask_ratio, drop_key)
         pred = self.decode(latent, ids_restore, grid, c).astype(jnp.float32)
         target = layers.patchify_channels(x, p) if self.ca else layers.patchify(x, p)
+        if cfg.norm_pix_loss:
+            target = normalize_patches(target)
         loss_rec = masked_mse(pred, target, mask)
         if cfg.fourier == "reference":
             loss_ft = fourier_reference(pred, target, c if self.ca else 1)
+        elif cfg.fourier == "masked":
+            loss_ft = fourier_masked(pred, target, mask, c if self.ca else 1)
         else:
             unpatch = layers.unpatchify_channels if self.ca else layers.unpatchify
             loss_ft = fourier_image(unpatch(pred, p, grid, c), x)

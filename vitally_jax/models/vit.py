@@ -18,7 +18,9 @@ Usage:
 
 Options (`vit_config(variant, **overrides)`): `remat` ('none'|'full'|'dots_saveable'), `dtype`
 ('float32'|'bfloat16'; params stay float32), `attention_impl` (None|'xla'|'cudnn'|'head_groups', see
-`layers.attention`), `drop_path_rate`, `block` ('parallel' | 'prenorm'), `channel_agnostic`, `max_in_chans`.
+`layers.attention`), `drop_path_rate`, `block` ('parallel' | 'prenorm'), `channel_agnostic`, `max_in_chans`,
+`bias` ('legacy' | 'new' | 'free': the parallel blocks' trainable biases; 'legacy', the default, is timm 0.9.7's
+one `mlp_bias` per block as Recursion trained, so every trained model exports to timm and OpenPhenom layouts).
 Position tables are fixed sin-cos constants recomputed for the input grid, never parameters.
 """
 
@@ -64,6 +66,10 @@ class ViTConfig:
     qkv_bias: bool = True  # prenorm blocks only
     qk_norm: bool = True  # prenorm blocks only (parallel blocks always have QK-norm)
     init_values: float | None = 1e-4  # LayerScale init; None: no LayerScale (prenorm only)
+    # trainable biases of the parallel blocks' fused [mlp|q|k|v] projection (`layers.effective_in_bias`):
+    # 'legacy' = timm <= 1.0.24's one mlp_bias (Recursion's models, OpenPhenom) | 'new' = timm >= 1.0.25's |
+    # 'free' = separate fc1/q/k/v biases (cannot be exported to timm once trained)
+    bias: str = "legacy"
     norm_eps: float = 1e-6
     global_pool: str = "token"  # timm build: 'token' (final `norm`) | 'avg' (final norm is `fc_norm`; the
     # MAE latent is then NOT normed, as in OpenPhenom)
@@ -71,6 +77,14 @@ class ViTConfig:
     remat: str = "none"  # 'none' | 'full' | 'dots_saveable'
     dtype: str = "float32"  # compute dtype: 'float32' | 'bfloat16'
     attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
+
+    def __post_init__(self):
+        # checked on every construction (vit_config, mae_config, the importers, dataclasses.replace)
+        if self.bias not in layers.BIAS_MODES:
+            raise ConfigError(
+                f"model.bias: {self.bias!r}; expected 'legacy' (timm <= 1.0.24 mlp_bias, the reference), 'new' "
+                "(timm >= 1.0.25 mlp_bias) or 'free' (separate fc1/q/k/v biases)"
+            )
 
     @property
     def grid(self) -> int:
@@ -206,6 +220,7 @@ class ViTEncoder(nnx.Module):
                     cfg.mlp_dim,
                     eps=cfg.norm_eps,
                     init_values=1e-4 if cfg.init_values is None else cfg.init_values,
+                    bias=cfg.bias,
                     dtype=dt,
                     attention_impl=cfg.attention_impl,
                     rngs=r,
