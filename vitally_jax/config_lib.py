@@ -75,7 +75,8 @@ def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
     c.model.drop_path_rate = recipe["drop_path_rate"]
     c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters stay float32)
     c.model.remat = "none"  # "none" | "full" | "dots_saveable" (encoder and decoder block stacks)
-    c.model.attention_impl = config_dict.placeholder(str)  # None (auto) | "xla" | "cudnn" | "head_groups"
+    # attention: None (per backend) | "xla" | "cudnn" | "head_groups" | "splash" | "chunked" (models/attention.py)
+    c.model.attention_impl = config_dict.placeholder(str)
     # trainable block biases: "legacy" (timm 0.9.7's mlp_bias, as the reference trained; exports to timm and
     # OpenPhenom) | "new" (timm >= 1.0.25's mlp_bias) | "free" (separate fc1/q/k/v biases; cannot be exported)
     c.model.bias = "legacy"

@@ -17,8 +17,8 @@ Usage:
     latent, mask, ids_restore = enc.encode_masked(x, noise, 0.75)   # noise: U[0,1) (B, L)
 
 Options (`vit_config(variant, **overrides)`): `remat` ('none'|'full'|'dots_saveable'), `dtype`
-('float32'|'bfloat16'; params stay float32), `attention_impl` (None|'xla'|'cudnn'|'head_groups', see
-`layers.attention`), `drop_path_rate`, `block` ('parallel' | 'prenorm'), `channel_agnostic`, `max_in_chans`,
+('float32'|'bfloat16'; params stay float32), `attention_impl` (None|'xla'|'cudnn'|'head_groups'|'splash'|'chunked', see
+`models.attention`), `drop_path_rate`, `block` ('parallel' | 'prenorm'), `channel_agnostic`, `max_in_chans`,
 `bias` ('legacy' | 'new' | 'free': the parallel blocks' trainable biases; 'legacy', the default, is timm 0.9.7's
 one `mlp_bias` per block as Recursion trained, so every trained model exports to timm and OpenPhenom layouts).
 Position tables are fixed sin-cos constants recomputed for the input grid, never parameters.
