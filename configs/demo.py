@@ -78,7 +78,7 @@ def get_config(arg=None):
     # Baselines computed in the same run (vitally_jax.demo.baselines).
     c.baselines = ml_collections.ConfigDict()
     c.baselines.cellprofiler = True  # nuclei + cells segmented with scikit-image, measured with cp_measure
-    c.baselines.cp_features = "sizeshape,intensity"  # cp_measure feature sets (texture costs ~2x more)
+    c.baselines.cp_features = "sizeshape,intensity"  # cp_measure feature sets (texture is costlier)
     c.baselines.cp_max_cells = 6 if small else 12  # cells measured per image (seeded subset; median per image)
     c.baselines.cp_workers = 2  # processes measuring images in parallel (the demo's 2 cores)
     c.baselines.dna_channel = "DNA"  # nuclei are segmented on this channel

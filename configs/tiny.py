@@ -1,4 +1,4 @@
-"""A tiny MAE for tests and a first look: trains on a synthetic screen on one CPU in well under a minute.
+"""A tiny MAE for tests and a first look: trains quickly on a synthetic screen on one CPU.
 
     python -m vitally_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
 

@@ -9,7 +9,7 @@ Whole-genome maps (20,000 genes: 2e8 null values) are handled exactly without a 
 blocks; each block's slice of the null is sorted (in worker threads, numpy releases the GIL) and kept; the rank of
 a query in the whole null is the sum of its ranks in the sorted slices. Query values are read from the same
 computed blocks, so each query is bit-identical to its own copy in the null. Memory: 8 bytes per null value plus
-two blocks (20,000 genes: ~1.8 GiB peak). Ranks are exact for the float64 cosines computed; a blocked BLAS
+two blocks (20,000 genes: 1.6 GB of null values). Ranks are exact for the float64 cosines computed; a blocked BLAS
 product may differ from a full-matrix product (and from scikit-learn's) in the last bit of a cosine, which can only
 matter for a query within 1 ulp of a percentile boundary.
 """

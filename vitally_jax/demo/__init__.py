@@ -1,7 +1,7 @@
 """The embedded default: one command from pixels to a scored map.
 
-    python -m vitally_jax.main --config=configs/demo.py            # ~10-15 min on a 2-core laptop CPU
-    python -m vitally_jax.main --config=configs/demo.py:ci         # shrunken, ~2-3 min
+    python -m vitally_jax.main --config=configs/demo.py            # 2 CPU cores, budget <= 15 min
+    python -m vitally_jax.main --config=configs/demo.py:ci         # shrunken, budget <= 3 min
 
 Stages (each prints progress and its wall time, writes its outputs atomically and then a done-marker under
 `<workdir>/stages/`, so a rerun reuses finished stages; a stage whose config changed is rerun, and so is

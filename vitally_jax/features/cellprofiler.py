@@ -20,11 +20,9 @@ per cell.
 Intensities are measured on the image scaled to [0, 1] as CellProfiler does (uint8 / 255, uint16 / 65535; float
 images must already lie in [0, 1]). Texture quantises that to 16 grey levels by default (`gray_levels`).
 
-Cost of `measure_cells` with the default sets (nuclei and cells, segmentation included) on a 6-channel uint8
-image, measured on a 2-core machine running at load ~10 (an idle core is several times faster): 64 px with 3 cells
-0.21 s, 128 px with 10 cells 0.54 s, 256 px with 33 cells 1.1 s; without `texture` 0.12 / 0.25 / 0.36 s;
-`granularity` adds 0.1-0.4 s. Texture at CellProfiler 3's 256 grey levels costs ~100x the 16-level default on
-noisy images (mahotas' Haralick features scale with the square of the levels). Pass `channels` or `features` to
+Cost of `measure_cells` grows with the image size and the number of cells; `texture` and `granularity` are the
+costliest sets. Texture at CellProfiler 3's 256 grey levels costs far more than the 16-level default on noisy
+images (mahotas' Haralick features scale with the square of the levels). Pass `channels` or `features` to
 measure less.
 """
 
