@@ -433,8 +433,10 @@ def test_killed_overwrite_leaves_the_previous_store_readable(tmp_path):
     )
     deadline = time.time() + 240
     while time.time() < deadline and not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+        assert proc.poll() is None, f"the rewrite exited ({proc.returncode}) before writing anything"
         time.sleep(0.01)  # the rewrite has started once its temporary folder exists
     time.sleep(0.1)  # well inside the write: the exchange comes only after every image is written
+    assert proc.poll() is None, "the rewrite finished before it could be killed: make it larger"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     st = ImageStore.open(out)

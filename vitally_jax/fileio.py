@@ -63,6 +63,7 @@ FOLDERS: dict[str, FolderKind] = {
                 "genes.parquet",
                 "compound_targets.parquet",
                 "world_pairs.parquet",
+                "truth.parquet",
             ),
         ),  # + synthetic ground truth
         FolderKind("embedding store", "embedding.json", ("embedding.json", "*.zarr", "metadata.parquet", "done")),

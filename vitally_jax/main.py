@@ -171,7 +171,15 @@ def main(argv) -> None:
     if not FLAGS.debug:  # our own INFO lines stay; Orbax's and JAX's per-call INFO chatter only with --debug
         for name in ("absl", "jax"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    sys.exit(run_cli(_run, debug=FLAGS.debug))
+    rc = run_cli(_run, debug=FLAGS.debug)
+    if rc:
+        # An error has been reported and every writer, checkpoint manager and store was closed by the code it
+        # interrupted: leave without interpreter finalisation, which can abort while native threads (XLA,
+        # TensorStore, Arrow) are still winding down on a loaded machine.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(0)
 
 
 if __name__ == "__main__":
