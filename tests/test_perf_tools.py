@@ -183,7 +183,7 @@ def test_bench_all_writes_its_figures_between_the_markers(tmp_path):
     info = {
         "command": "python tools/perf/bench_all.py --only=maps",
         "date": "2026-01-01 00:00",
-        "machine": bench_all.machine(),
+        "machine": bench_all.host(),
         "load_start": "1.0 1.0 1.0",
         "load_end": "1.1 1.0 1.0",
         "wall_s": 120.0,
@@ -205,3 +205,19 @@ def test_bench_all_writes_its_figures_between_the_markers(tmp_path):
 
     with pytest.raises(ConfigError, match="performance.md: expected one '<!-- bench_all:begin -->'"):
         bench_all.write_doc_section(lines, doc)
+
+
+def test_host_names_this_machine():
+    """The machine every benchmark and real-data report names: its CPU model as /proc/cpuinfo gives it, its cores,
+    and only SIMD extensions the CPU reports."""
+    from vitally_jax.metrics import SIMD_FLAGS, host
+
+    h = host()
+    assert h["cores"] == os.cpu_count() and h["cpu"]
+    assert set(h["simd"]) <= set(SIMD_FLAGS)
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        text = cpuinfo.read_text()
+        assert h["cpu"] in text
+        flags = next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split()
+        assert h["simd"] == [f for f in SIMD_FLAGS if f in flags]

@@ -10,13 +10,49 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import platform
 import sys
 import time
 
 import numpy as np
 
 from vitally_jax.fileio import atomic_path, write_text
+
+# the SIMD extensions a benchmark report names (those the CPU has, in this order)
+SIMD_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+)
+
+
+def host() -> dict:
+    """This machine as benchmark and report figures name it: CPU model, cores, SIMD flags, OS, Python."""
+    model, flags = "", set()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {
+        "cpu": model or platform.processor() or "unknown CPU",
+        "cores": os.cpu_count(),
+        "simd": [f for f in SIMD_FLAGS if f in flags],
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 class MetricWriter:

@@ -16,16 +16,16 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
+
+from vitally_jax.metrics import host
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 OUT = ROOT / "bench_out"
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench_all:begin -->", "<!-- bench_all:end -->"
-SIMD = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16")
 BENCHES = {
     # MAE train step vs the PyTorch reference (eager), S/16 at 128 px, batch 8, 3 interleaved rounds of 2 steps
     "train128": [
@@ -73,27 +73,6 @@ BENCHES = {
     ],
 }
 LIMITS = {"train256": 3600}
-
-
-def machine() -> dict:
-    """CPU model, cores, SIMD flags, OS and Python."""
-    model, flags = platform.processor() or "?", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model in ("?", "", platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "simd": [f for f in SIMD if f in flags],
-        "os": platform.platform(),
-        "python": platform.python_version(),
-    }
 
 
 def _load() -> str:
@@ -226,7 +205,7 @@ def main(argv=None) -> int:
         "command": "python tools/perf/bench_all.py"
         + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
-        "machine": machine(),
+        "machine": host(),
         "load_start": _load(),
         "started": time.time(),
     }

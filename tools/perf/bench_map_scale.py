@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from vitally_jax.metrics import host
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 D = 256
@@ -120,16 +121,6 @@ def run_case(kind: str, n: int, cap_bytes: int, timeout: float, tmp: str) -> dic
     return row
 
 
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _gib(v) -> str:
     return "-" if v is None else f"{v / 2**30:.2f}"
 
@@ -196,8 +187,8 @@ def main(argv=None) -> int:
         "",
         f"Command: `python tools/perf/bench_map_scale.py --ours {args.ours} --copairs {args.copairs} "
         f"--cap-gb {args.cap_gb:g} --timeout {args.timeout:g}{' --doc' if args.doc else ''}`. Ran {when} on "
-        f"{cpu_model()}, {os.cpu_count()} cores, load average {load0[0]:.1f} before and {load1[0]:.1f} after "
-        "(1 min; the machine was shared).",
+        f"{host()['cpu']}, {os.cpu_count()} cores, load average {load0[0]:.1f} before and {load1[0]:.1f} after "
+        "(1 min).",
         "",
         "Task: N profiles x 256 float64 features, N/4 groups of 4 replicates, every profile a query against all "
         "others (positives: its group; negatives: all other profiles), the setting copairs issue #90 "

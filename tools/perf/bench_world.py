@@ -14,19 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from vitally_jax.metrics import host
 
 
 def main(argv=None) -> dict:
@@ -65,7 +55,7 @@ def main(argv=None) -> dict:
         "seconds_per_1000": round(1000 * wall / n, 1),
         # what the same work takes on `threads` otherwise idle cores (process CPU time spread over them)
         "cpu_seconds_per_1000_per_thread": round(1000 * cpu / n / args.threads, 1),
-        "cpu_model": _cpu_model(),
+        "cpu_model": host()["cpu"],
         "cpu_count": os.cpu_count(),
         "load_before": [round(x, 2) for x in load0],
         "load_after": [round(x, 2) for x in os.getloadavg()],

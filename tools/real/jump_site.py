@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from vitally_jax.metrics import host
 
 PACKAGE = "deepprofiler==0.5.1"
 SITE = "tests/data/cpg0000/BR00116991/A01-1"
@@ -189,18 +190,6 @@ def fetch(cache: pathlib.Path, store: pathlib.Path | None = None, *, overwrite: 
 
 
 # ---------------------------------------------------------------------------------------------- report ------
-def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
 def _load() -> str:
     try:
         one, five, fifteen = os.getloadavg()
@@ -609,7 +598,7 @@ def report(cache: pathlib.Path, steps: int, seed: int, doc: pathlib.Path | None)
         "## One JUMP site through the image path",
         "",
         f"Regenerate: `python tools/real/jump_site.py report --steps {steps} --seed {seed}` "
-        f"(ran {started:%Y-%m-%d %H:%M} UTC on {_machine()}; {load_before} at the start, shared with other jobs; "
+        f"(ran {started:%Y-%m-%d %H:%M} UTC on {host()['cpu']}, {host()['cores']} cores; {load_before} at the start; "
         f"{total / 60:.1f} min in all).",
         "",
         "Data: JUMP pilot (cpg0000) plate BR00116991, well A01, site 1, as shipped in the `deepprofiler==0.5.1` "

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -39,6 +38,7 @@ from vitally_jax.benchmarks import mapk, multilabel
 from vitally_jax.benchmarks.align import centerscale_on_controls, pca_centerscale, tvn
 from vitally_jax.cli import run_cli
 from vitally_jax.errors import DataError
+from vitally_jax.metrics import host
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_PLATE = ROOT.parent / "shared" / "data" / "real" / "SQ00015054.csv.gz"
@@ -196,16 +196,6 @@ def copairs_parity(x: np.ndarray, meta: pd.DataFrame, act: dict, *, null_size: i
     return out
 
 
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _md_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -271,7 +261,7 @@ def render(res: dict, *, command: str, null_size: int, seed: int) -> str:
     lines = [
         "## LINCS Cell Painting plate: profile benchmarks",
         "",
-        f"Command: `{command}` (null size {null_size}, seed {seed}). Ran {when} on {cpu_model()}, "
+        f"Command: `{command}` (null size {null_size}, seed {seed}). Ran {when} on {host()['cpu']}, "
         f"{os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min), "
         f"{res['seconds']:.0f} s.",
         "",
