@@ -173,11 +173,12 @@ def test_counting_and_sorting_rank_paths_agree(monkeypatch):
     fast = mapk.average_precisions(x, md.cpd.to_numpy(), reference=ctrl, block_rows=7)
     monkeypatch.setattr(mapk, "_COUNT_MAX_POS", 0)
     slow = mapk.average_precisions(x, md.cpd.to_numpy(), reference=ctrl)
-    np.testing.assert_allclose(fast.average_precision, slow.average_precision, rtol=1e-15, atol=0, equal_nan=True)
+    # the same ranks through two code paths: only the summation order of <= n precision terms may differ
+    np.testing.assert_allclose(fast.average_precision, slow.average_precision, rtol=1e-12, atol=0, equal_nan=True)
     full_fast = mapk.average_precisions(x[~ctrl], md.cpd[~ctrl].to_numpy())
     monkeypatch.setattr(mapk, "_COUNT_MAX_POS", 32)
     full_slow = mapk.average_precisions(x[~ctrl], md.cpd[~ctrl].to_numpy(), block_rows=5)
-    np.testing.assert_allclose(full_fast.average_precision, full_slow.average_precision, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(full_fast.average_precision, full_slow.average_precision, rtol=1e-12, atol=0)
 
 
 def test_hierarchical_fdr_rules():

@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 
+from vitally_jax.fileio import write_text
 from vitally_jax.metrics import host
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
         summary.append(f"At {n:,} profiles, largest |AP ours - AP copairs| = {diff:.1e}.")
     body = "\n".join(summary) + "\n"
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"rows": rows, "agree": agree}, indent=1, default=str))
+        write_text(args.json, json.dumps({"rows": rows, "agree": agree}, indent=1, default=str))
     if args.doc:
         sys.path.insert(0, str(ROOT / "tools" / "real"))
         from _doc import write_section
