@@ -91,3 +91,25 @@ def test_bad_input(encoder, images):
         embed(encoder, images[0])
     with pytest.raises(ConfigError, match="trim"):
         trim_encoder(encoder, DEPTH + 1)
+
+
+def test_cpu_slices_equal_the_whole_batch(encoder, images, all_blocks):
+    from vitally_jax.embedding.blocks import cpu_micro_batch
+
+    # the slice rule: largest divisor of the batch whose rows fit; 0 when the batch fits or nothing >= 2 does
+    assert cpu_micro_batch(64, 65) == 32 and cpu_micro_batch(32, 257) == 8 and cpu_micro_batch(16, 65) == 0
+    assert cpu_micro_batch(48, 65) == 24 and cpu_micro_batch(37, 65) == 0 and cpu_micro_batch(4, 5000) == 0
+    whole = make_extractor(encoder, pooling=POOLINGS, micro_batch=0)
+    sliced = make_extractor(encoder, pooling=POOLINGS, micro_batch=2)
+    auto = make_extractor(encoder, pooling=POOLINGS)
+    assert whole.slice_size(images[:8].shape) == 0 and sliced.slice_size(images[:8].shape) == 2
+    # 17 tokens per 32 px crop (8 px patches): 128 crops per slice; 1,025 tokens at 256 px: 2 crops
+    assert auto.slice_size((256, 32, 32, 3)) == 128 and auto.slice_size((64, 256, 256, 3)) == 2
+    a, b = whole(images[:8]), sliced(images[:8])
+    for p in POOLINGS:
+        assert b[p].shape == (8, DEPTH, 64)
+        # the same computation on fewer rows per matmul: equal up to float32 rounding
+        np.testing.assert_allclose(np.asarray(b[p]), np.asarray(a[p]), atol=1e-5 * np.abs(all_blocks[p]).max(), rtol=0)
+        np.testing.assert_allclose(np.asarray(b[p]), all_blocks[p][:8], atol=1e-5 * np.abs(all_blocks[p]).max(), rtol=0)
+    with pytest.raises(ConfigError, match="micro_batch 3: expected a divisor of the batch"):
+        sliced.__class__(**{**sliced.__dict__, "micro_batch": 3})(images[:8])

@@ -127,6 +127,13 @@ def check_values(config, prefix: str = "config.") -> None:
             f"is {pct * total:g} steps, expected more than 1 (pct_start * total_steps > 1)"
         )
 
+    micro = config.input.get("micro_batch", None)
+    if micro is not None and not (micro >= 0 and (micro == 0 or config.input.global_batch % micro == 0)):
+        raise ConfigError(
+            f"{prefix}input.micro_batch: {_show(micro)}; expected None (auto), 0 (the whole batch) or a divisor "
+            f"of input.global_batch ({config.input.global_batch})"
+        )
+
     from vitally_jax.models.vit import vit_config  # the variant's patch size (no arrays, nothing compiled)
 
     enc = vit_config(config.model.variant)

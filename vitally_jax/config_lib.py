@@ -100,6 +100,9 @@ def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
     c.input.flips = True
     c.input.rot90 = True
     c.input.in_memory = False  # small screens: read the images once into memory and crop with numpy
+    # gradient accumulation inside a step: None (auto: cache-sized slices on a single-device CPU mesh, the whole
+    # batch elsewhere) | 0 (the whole batch) | samples per slice (a divisor of global_batch; no data parallelism)
+    c.input.micro_batch = config_dict.placeholder(int)
 
     # Optimiser: Lion + one-cycle cosine (PyTorch OneCycleLR semantics).
     c.optax = ml_collections.ConfigDict()

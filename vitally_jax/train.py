@@ -82,8 +82,14 @@ def num_tokens(mae_cfg) -> int:
     return mae_cfg.encoder.num_patches
 
 
-def make_train_step(graphdef, mae_cfg, schedules, *, use_drop_path: bool):
-    """The pure update: (state, batch {'image': uint8 (B,H,W,C)}, seed_key) -> (state, metrics)."""
+def make_train_step(graphdef, mae_cfg, schedules, *, use_drop_path: bool, micro_batch: int = 0):
+    """The pure update: (state, batch {'image': uint8 (B,H,W,C)}, seed_key) -> (state, metrics).
+
+    micro_batch > 0 (a divisor of B): gradient accumulation inside the step. The batch (with its masking noise)
+    is cut into B // micro_batch slices run one after another (`lax.scan`), and their gradients and losses are
+    averaged. Every sample masks the same number of tokens, so that average is the whole-batch loss and gradient
+    up to float rounding; one optimiser update follows, as without slicing.
+    """
     from vitally_jax.models.preprocess import self_standardize
 
     n_tok = num_tokens(mae_cfg)
@@ -95,17 +101,21 @@ def make_train_step(graphdef, mae_cfg, schedules, *, use_drop_path: bool):
         x = sharding.constrain_batch(self_standardize(batch["image"]))
         noise = jax.random.uniform(k_noise, (x.shape[0], n_tok), jnp.float32)
 
-        def loss_fn(m):
-            out = m(x, noise=noise, drop_key=k_drop if use_drop_path else None)
-            return out["loss"], out
+        if micro_batch and micro_batch < x.shape[0]:
+            loss, aux, grads = _accumulated_grads(model, x, noise, k_drop if use_drop_path else None, micro_batch)
+        else:
 
-        (loss, out), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+            def loss_fn(m):
+                out = m(x, noise=noise, drop_key=k_drop if use_drop_path else None)
+                return out["loss"], out
+
+            (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         opt.update(model, grads)
         gnorm = optax.tree.norm(grads)
         metrics = {
             "loss": loss,
-            "loss_rec": out["loss_rec"],
-            "loss_fourier": out["loss_fourier"],
+            "loss_rec": aux["loss_rec"],
+            "loss_fourier": aux["loss_fourier"],
             "grad_norm": gnorm,
             "lr": schedules["lr"](step),
             "b1": schedules["b1"](step),
@@ -114,6 +124,54 @@ def make_train_step(graphdef, mae_cfg, schedules, *, use_drop_path: bool):
         return nnx.state((model, opt)), metrics
 
     return train_step
+
+
+def _accumulated_grads(model, x, noise, drop_key, micro: int):
+    """Mean loss, mean {'loss_rec', 'loss_fourier'} and mean parameter gradients over slices of `micro` samples."""
+    gm, params, rest = nnx.split(model, nnx.Param, ...)
+    k = x.shape[0] // micro
+    xs = x.reshape((k, micro) + x.shape[1:])
+    ns = noise.reshape((k, micro) + noise.shape[1:])
+    keys = jax.random.split(drop_key, k) if drop_key is not None else None
+
+    def loss_of(p, xb, nb, kb):
+        out = nnx.merge(gm, p, rest)(xb, noise=nb, drop_key=kb)
+        return out["loss"], {"loss_rec": out["loss_rec"], "loss_fourier": out["loss_fourier"]}
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def body(acc, inp):
+        xb, nb, kb = inp
+        (loss, aux), g = grad_fn(params, xb, nb, kb)
+        return jax.tree.map(jnp.add, acc, (loss, aux, g)), None
+
+    scalar = jnp.zeros((), jnp.float32)
+    zero = (scalar, {"loss_rec": scalar, "loss_fourier": scalar}, jax.tree.map(jnp.zeros_like, params))
+    (loss, aux, grads), _ = jax.lax.scan(body, zero, (xs, ns, keys))
+    return jax.tree.map(lambda a: a / k, (loss, aux, grads))
+
+
+def train_micro_batch(config, mae_cfg, mesh) -> int:
+    """Samples per gradient-accumulation slice for `input.micro_batch` (None, 0 or a divisor of the per-step
+    batch): None (auto) slices on a single-device CPU mesh by the embedding pass's cache rule (the decoder's tokens per
+    sample), and runs the whole batch elsewhere. Slicing needs a mesh without data parallelism (ConfigError
+    otherwise): on a pod every device already holds a small slice."""
+    from vitally_jax.embedding.blocks import cpu_micro_batch
+
+    m = config.input.get("micro_batch", None)
+    b = int(config.input.global_batch)
+    dp = sharding.data_parallel_size(mesh)
+    if m is None:
+        if dp > 1 or jax.default_backend() != "cpu":
+            return 0
+        return cpu_micro_batch(b, num_tokens(mae_cfg) + 1)
+    m = int(m)
+    if m and (b % m or dp > 1):
+        raise ConfigError(
+            f"config.input.micro_batch {m}: expected None (auto), 0 or a divisor of input.global_batch ({b}) on a "
+            f"mesh without data parallelism (this one has {dp} data-parallel devices)"
+        )
+    return m
 
 
 def jit_train_step(train_step, state_sh, mesh):
@@ -200,8 +258,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     seed_key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=NamedSharding(mesh, P()))()
 
     # ---------------------------------------------------------------------------------------- update step -
+    micro = train_micro_batch(config, mae_cfg, mesh)
+    if micro:
+        log.info(
+            "train step: gradients accumulated over %d slices of %d samples", config.input.global_batch // micro, micro
+        )
     train_step = jit_train_step(
-        make_train_step(graphdef, mae_cfg, schedules, use_drop_path=mae_cfg.encoder.drop_path_rate > 0), state_sh, mesh
+        make_train_step(
+            graphdef, mae_cfg, schedules, use_drop_path=mae_cfg.encoder.drop_path_rate > 0, micro_batch=micro
+        ),
+        state_sh,
+        mesh,
     )
 
     # metrics files appear only once the input and the model are known to be usable (no empty event files)

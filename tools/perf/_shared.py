@@ -63,8 +63,10 @@ def build_jax_step(
     attention_impl: str | None = None,
     decoder_depth: int | None = None,
     seed: int = 0,
+    micro_batch: int | None = None,
 ):
-    """-> (step(state) -> state, state, flops per image, mae_cfg): the trainer's jitted update on one device."""
+    """-> (step(state) -> state, state, flops per image, mae_cfg): the trainer's jitted update on one device.
+    `micro_batch`: `input.micro_batch` (None: the trainer's automatic choice); `step.micro_batch` tells which ran."""
     from vitally_jax import aot, train
     from vitally_jax.models.mae import mae_config
 
@@ -75,6 +77,7 @@ def build_jax_step(
     config.model.attention_impl = attention_impl
     config.input.crop = crop
     config.input.global_batch = batch
+    config.input.micro_batch = micro_batch
     mae_cfg = train.model_config(config)
     over = {}
     if depth is not None:
@@ -101,8 +104,9 @@ def one_device_step(config, mae_cfg, seed: int = 0):
     batch, crop = config.input.global_batch, config.input.crop
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     graphdef, abs_state, state_sh, schedules, create = train.build_abstract(config, mae_cfg, mesh)
+    micro = train.train_micro_batch(config, mae_cfg, mesh)
     step = train.jit_train_step(
-        train.make_train_step(graphdef, mae_cfg, schedules, use_drop_path=False), state_sh, mesh
+        train.make_train_step(graphdef, mae_cfg, schedules, use_drop_path=False, micro_batch=micro), state_sh, mesh
     )
     with jax.set_mesh(mesh):
         state = jax.jit(lambda: nnx.split(create())[1], out_shardings=state_sh)()
@@ -117,6 +121,7 @@ def one_device_step(config, mae_cfg, seed: int = 0):
         jax.block_until_ready(metrics["loss"])
         return state, metrics
 
+    run.micro_batch = micro
     return run, state
 
 

@@ -41,6 +41,17 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--micro_batch",
+        default="auto",
+        help="ours: crops per slice inside a forward pass ('auto': cache-sized slices on CPU; 0: the whole batch)",
+    )
+    p.add_argument(
+        "--whole_batch_too",
+        type=int,
+        default=1,
+        help="1: also time ours with the whole batch in one slice (micro_batch=0), in the same rounds",
+    )
     p.add_argument("--json", default="bench_out/embed.json")
     args = p.parse_args(argv)
 
@@ -68,6 +79,7 @@ def main(argv=None) -> int:
         "crop": args.crop,
         "batch": args.batch,
         "threads": args.threads,
+        "micro_batch": args.micro_batch,
         "load_start": list(load0),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,10 +92,12 @@ def main(argv=None) -> int:
 
         counter = iter(range(10**6))
 
-        def ours() -> float:
+        micro = args.micro_batch if args.micro_batch == "auto" else int(args.micro_batch)
+
+        def ours(micro=micro) -> float:
             out = tmp / f"emb{next(counter)}"
             t = time.perf_counter()
-            embed_screen(enc, store, out, crop=args.crop, batch_size=args.batch, progress=False)
+            embed_screen(enc, store, out, crop=args.crop, batch_size=args.batch, progress=False, micro_batch=micro)
             es = EmbeddingStore.open(out)
             for pooling in es.poolings:
                 well_features(es.features(pooling), es.metadata)
@@ -104,10 +118,17 @@ def main(argv=None) -> int:
         }
         reason = _shared.torch_available()
         worker = _shared.TorchWorker(spec) if reason is None else None
+        whole = bool(args.whole_batch_too) and micro != 0
         ours()  # warm-up: compilation (cache) and first reads
+        if whole:
+            ours(0)
         times: dict[str, list[float]] = {"ours_every_block": [], "torch_every_block": [], "torch_last_block": []}
+        if whole:
+            times["ours_whole_batch"] = []
         for _ in range(args.rounds):
             times["ours_every_block"].append(ours())
+            if whole:
+                times["ours_whole_batch"].append(ours(0))
             if worker is not None:
                 for cmd, key in (("embed_all", "torch_every_block"), ("embed_last", "torch_last_block")):
                     r = worker.run(cmd, 1)
@@ -124,6 +145,8 @@ def main(argv=None) -> int:
     if "torch_every_block" in cps:
         result["ratio_vs_torch_every_block"] = cps["ours_every_block"] / cps["torch_every_block"]
         result["ratio_vs_torch_last_block"] = cps["ours_every_block"] / cps["torch_last_block"]
+    if "ours_whole_batch" in cps:
+        result["ratio_sliced_vs_whole_batch"] = cps["ours_every_block"] / cps["ours_whole_batch"]
     result["load_end"] = list(os.getloadavg())
     path = pathlib.Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +165,11 @@ def main(argv=None) -> int:
         )
     else:
         print(f"PyTorch reference not available: {reason}")
+    if "ratio_sliced_vs_whole_batch" in result:
+        print(
+            f"ours micro_batch={args.micro_batch} vs the whole batch in one slice: "
+            f"{result['ratio_sliced_vs_whole_batch']:.2f}x"
+        )
     return 0
 
 

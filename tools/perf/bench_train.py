@@ -25,9 +25,11 @@ import time
 from _shared import TorchWorker, build_jax_step, matmul_rate, torch_available
 
 
-def bench_variant(variant: str, batch: int, crop: int, rounds: int, steps: int, use_compile: bool) -> dict:
+def bench_variant(
+    variant: str, batch: int, crop: int, rounds: int, steps: int, use_compile: bool, micro_batch=None
+) -> dict:
     t0 = time.perf_counter()
-    run, state, flops_img, mae_cfg = build_jax_step(variant, batch, crop)
+    run, state, flops_img, mae_cfg = build_jax_step(variant, batch, crop, micro_batch=micro_batch)
     state, _ = run(state)
     jax_compile_s = time.perf_counter() - t0
     print(f"[{variant}] JAX compiled + first step in {jax_compile_s:.1f} s", file=sys.stderr, flush=True)
@@ -86,6 +88,7 @@ def bench_variant(variant: str, batch: int, crop: int, rounds: int, steps: int, 
         "mask_ratio": mae_cfg.mask_ratio,
         "rounds": rounds,
         "steps_per_round": steps,
+        "micro_batch": int(getattr(run, "micro_batch", 0)),  # ours: samples per gradient-accumulation slice (0: none)
         "jax_compile_s": round(jax_compile_s, 1),
         **warm,
         "median_step_s": {k: round(v, 4) for k, v in med.items()},
@@ -134,6 +137,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=1, help="timed steps per side per round")
     p.add_argument("--no-torch-compile", action="store_true")
+    p.add_argument(
+        "--micro_batch",
+        type=int,
+        default=None,
+        help="ours: input.micro_batch (default: the trainer's automatic choice; 0: the whole batch at once)",
+    )
     p.add_argument("--json", default="bench_out/train.json")
     args = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -143,7 +152,9 @@ def main(argv=None) -> int:
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"]
     load = f"loadavg {' '.join(load)} on {os.cpu_count()} cores"
     rows = [
-        bench_variant(v.strip(), args.batch, args.crop, args.rounds, args.steps, not args.no_torch_compile)
+        bench_variant(
+            v.strip(), args.batch, args.crop, args.rounds, args.steps, not args.no_torch_compile, args.micro_batch
+        )
         for v in args.variants.split(",")
     ]
     if args.json:

@@ -56,19 +56,43 @@ def encoder_depth(encoder) -> int:
     return int(encoder.cfg.depth)
 
 
-def _forward(graphdef, state, images, *, blocks: tuple[int, ...], poolings: tuple[str, ...]):
-    """images uint8 (B, H, W, C) -> {pooling: (B, len(blocks), D)} float32."""
+def _forward(graphdef, state, images, *, blocks: tuple[int, ...], poolings: tuple[str, ...], micro: int = 0):
+    """images uint8 (B, H, W, C) -> {pooling: (B, len(blocks), D)} float32.
+
+    micro > 0 (a divisor of B): the batch runs as B // micro sequential slices of `micro` crops inside the one
+    compiled program (`lax.map`), each the same computation on fewer rows (see `cpu_micro_batch`)."""
     from vitally_jax.models.preprocess import self_standardize
 
     encoder = nnx.merge(graphdef, state)
-    x = self_standardize(images)
-    out = encoder(x, num_blocks=max(blocks))
     idx = np.asarray(blocks, dtype=np.int32) - 1
     contiguous = tuple(idx) == tuple(range(max(blocks)))
-    return {p: (out["blocks"][p] if contiguous else out["blocks"][p][:, idx]).astype(jnp.float32) for p in poolings}
+
+    def one(imgs):
+        out = encoder(self_standardize(imgs), num_blocks=max(blocks))
+        return {p: (out["blocks"][p] if contiguous else out["blocks"][p][:, idx]).astype(jnp.float32) for p in poolings}
+
+    b = images.shape[0]
+    if not micro or micro >= b:
+        return one(images)
+    out = jax.lax.map(one, images.reshape((b // micro, micro) + images.shape[1:]))
+    return {p: v.reshape((b,) + v.shape[2:]) for p, v in out.items()}
 
 
-_forward_jit = jax.jit(_forward, static_argnames=("graphdef", "blocks", "poolings"))
+_forward_jit = jax.jit(_forward, static_argnames=("graphdef", "blocks", "poolings", "micro"))
+
+# XLA:CPU runs the every-block pass fastest when one slice holds about this many token rows (crops x tokens per
+# crop), so that a block's activations stay in the cache: 32 crops of S/16 at 128 px (65 tokens), 8 at 256 px.
+# `python tools/perf/bench_embed.py --micro_batch=0` measures the whole-batch pass beside the sliced one.
+CPU_SLICE_ROWS = 2176
+
+
+def cpu_micro_batch(batch: int, tokens: int, rows: int = CPU_SLICE_ROWS) -> int:
+    """The slice size `_forward` uses on CPU: the largest divisor of `batch` with divisor x `tokens` <= `rows`
+    (0 = the whole batch at once, when it already fits or no divisor >= 2 does)."""
+    if batch * tokens <= rows:
+        return 0
+    best = max(d for d in range(1, batch + 1) if batch % d == 0 and d * tokens <= rows) if tokens <= rows else 1
+    return best if best >= 2 else 0
 
 
 @dataclasses.dataclass
@@ -77,6 +101,8 @@ class BlockExtractor:
 
     `extractor(images)` maps a uint8 batch (B, H, W, C) to {pooling: (B, nb, D)} jax arrays.
     B must be a multiple of `batch_multiple` (the mesh's data x fsdp size) when a mesh is given.
+    `micro_batch`: "auto" (on a CPU backend without a mesh, slices of `cpu_micro_batch` crops; elsewhere the whole
+    batch), 0 (the whole batch) or a number of crops per slice (a divisor of the batch).
     """
 
     graphdef: object
@@ -84,6 +110,9 @@ class BlockExtractor:
     blocks: tuple[int, ...]
     poolings: tuple[str, ...]
     mesh: jax.sharding.Mesh | None = None
+    patch: int = 16
+    channel_agnostic: bool = False
+    micro_batch: int | str = "auto"
 
     @property
     def batch_multiple(self) -> int:
@@ -91,14 +120,34 @@ class BlockExtractor:
 
         return 1 if self.mesh is None else data_parallel_size(self.mesh)
 
+    def tokens(self, shape) -> int:
+        """Tokens per crop (with the CLS token) for a batch of this shape (B, H, W, C)."""
+        _, h, w, c = shape
+        return (h // self.patch) * (w // self.patch) * (c if self.channel_agnostic else 1) + 1
+
+    def slice_size(self, shape) -> int:
+        """Crops per slice of one forward pass for a batch of this shape (0 = the whole batch)."""
+        m = self.micro_batch
+        if m == "auto":
+            if self.mesh is not None or jax.default_backend() != "cpu":
+                return 0
+            return cpu_micro_batch(int(shape[0]), self.tokens(shape))
+        m = int(m)
+        if m and (shape[0] % m or self.mesh is not None):
+            raise ConfigError(
+                f"micro_batch {m}: expected a divisor of the batch ({shape[0]}) and no mesh; use 'auto' or 0"
+            )
+        return m
+
     def __call__(self, images) -> dict[str, jax.Array]:
+        kw = dict(blocks=self.blocks, poolings=self.poolings, micro=self.slice_size(images.shape))
         if self.mesh is None:
-            return _forward_jit(self.graphdef, self.state, images, blocks=self.blocks, poolings=self.poolings)
+            return _forward_jit(self.graphdef, self.state, images, **kw)
         from vitally_jax.sharding import batch_sharding
 
         images = jax.device_put(images, batch_sharding(self.mesh))
         with jax.set_mesh(self.mesh):
-            return _forward_jit(self.graphdef, self.state, images, blocks=self.blocks, poolings=self.poolings)
+            return _forward_jit(self.graphdef, self.state, images, **kw)
 
 
 def make_extractor(
@@ -107,8 +156,9 @@ def make_extractor(
     blocks: Iterable[int] | None = None,
     pooling: str | Sequence[str] = DEFAULT_POOLING,
     mesh: jax.sharding.Mesh | None = None,
+    micro_batch: int | str = "auto",
 ) -> BlockExtractor:
-    """Split `encoder` and bind the jitted per-block function.
+    """Split `encoder` and bind the jitted per-block function (`micro_batch`: see `BlockExtractor`).
 
     With a mesh, parameters not yet placed on it are sharded by `vitally_jax.sharding.param_shardings`.
     """
@@ -124,7 +174,9 @@ def make_extractor(
             return a if on_mesh else jax.device_put(a, sh)
 
         state = jax.tree.map(place, state, param_shardings(state, mesh))
-    return BlockExtractor(graphdef, state, blocks_t, poolings, mesh)
+    cfg = getattr(encoder, "cfg", None)
+    patch, agnostic = int(getattr(cfg, "patch_size", 16)), bool(getattr(cfg, "channel_agnostic", False))
+    return BlockExtractor(graphdef, state, blocks_t, poolings, mesh, patch, agnostic, micro_batch)
 
 
 def _check_images(images) -> np.ndarray:

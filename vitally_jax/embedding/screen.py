@@ -217,6 +217,7 @@ def embed_screen(
     stop_after: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    micro_batch: int | str = "auto",
 ) -> dict:
     """Embed every image of a screen into a resumable per-block store at `out`.
 
@@ -225,6 +226,9 @@ def embed_screen(
       blocks, pooling: as in `vitally_jax.embedding.blocks.embed` (default: all blocks; `DEFAULT_POOLING`,
         'cls_norm' and 'mean').
       crop: tile side in pixels; batch_size: crops per forward pass; chunk_images: images per resumable chunk.
+      micro_batch: crops per slice inside one forward pass ("auto": cache-sized slices on CPU, the whole batch
+        elsewhere; see `vitally_jax.embedding.blocks.BlockExtractor`); the results do not depend on it beyond
+        float rounding.
       dtype: 'float32' or 'float16' on disk. mesh: optional mesh (batch sharded over data/fsdp).
       process_index, process_count: this process takes chunks k with k % process_count == process_index.
       stop_after: stop after computing this many chunks (for interrupted-run tests and time-boxed jobs).
@@ -247,7 +251,7 @@ def embed_screen(
             f"chunk_images must be >= 1 and 0 <= process_index < process_count, got "
             f"{chunk_images}, {process_index}, {process_count}"
         )
-    extractor = make_extractor(encoder, blocks=blocks, pooling=pooling, mesh=mesh)
+    extractor = make_extractor(encoder, blocks=blocks, pooling=pooling, mesh=mesh, micro_batch=micro_batch)
     final = pathlib.Path(out)
     manifest = _manifest(
         encoder,
