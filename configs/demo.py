@@ -54,7 +54,7 @@ def get_config(arg=None):
     c.world = ml_collections.ConfigDict()
     c.world.seed = 0  # seed of the biology, the layout, the batch effects, the artefacts and the pixels
     c.world.image_size = 64 if small else 128  # field size in pixels (square); at least the crop
-    c.world.n_genes = 48 if small else 300
+    c.world.n_genes = 48 if small else 360
     c.world.n_experiments = 4 if small else 6
 
     # Curation (vitally_jax.curation.CurationConfig fields) on image-statistics embeddings.
@@ -157,7 +157,7 @@ def get_config(arg=None):
     c.probe.test_fraction = 0.25  # perturbation probe: share of the experiments held out
     c.probe.folds = 3  # gene-group probe: stratified folds over genes
     c.probe.select_seeds = 2 if small else 3  # CV seeds on the selection half
-    c.probe.cv_seeds = 3 if small else 5  # CV seeds on the evaluation half (mean +- SD)
+    c.probe.cv_seeds = 3 if small else 10  # CV seeds (repeats) on the evaluation half (mean +- SD)
     c.probe.group_min_size = 3  # functional gene groups: disjoint CORUM complexes of this many
     c.probe.group_max_size = 20  # ... to this many screened genes
     c.probe.max_groups = 40

@@ -5,8 +5,9 @@ World model (all deterministic from `SyntheticConfig.seed`):
 - The biology is a list of processes (`PROCESSES`, written down with their mechanisms in `docs/world.md`):
   a well's phenotype is a vector of process activations in z units, rendered by `render.py`.
 - Genes are real symbols. Phenotype programs are real CORUM complexes (3..`max_complex_size` genes, chosen
-  without overlap): every gene of a complex shares the complex's random phenotype direction. Complexes are
-  grouped into pathways whose (weaker) direction is added to all their genes. Extra genes from the other
+  without overlap; with `exclusive_complexes`, drawn in proportion to size squared and never linked to another
+  planted gene by a CORUM pair): every gene of a complex shares the complex's random phenotype direction.
+  Complexes are grouped into pathways whose (weaker) direction is added to all their genes. Extra genes from the other
   annotation tables have a private phenotype or none. A fraction of genes has no phenotype at all, and each
   gene has its own strength; each guide of a gene has its own knockout efficiency.
 - Compounds hit 1-3 phenotypic genes with a potency (nM) per target; the phenotype at a concentration is the
@@ -70,6 +71,9 @@ class SyntheticConfig:
     positive_controls_per_plate: int = 2
     complex_gene_fraction: float = 0.75  # share of genes drawn from CORUM complexes
     max_complex_size: int = 8
+    # True: no CORUM pair links two planted complexes or a complex gene and an extra gene, so every CORUM pair
+    # among the screened genes is a planted relationship (the world's biology agrees with the annotation)
+    exclusive_complexes: bool = False
     complexes_per_pathway: int = 3
     pathway_strength: float = 0.4  # pathway direction relative to the complex direction
     no_phenotype_fraction: float = 0.2
@@ -101,7 +105,10 @@ PRESETS = {
     "tiny": SyntheticConfig(),
     # a CPU demo: ~2,600 wells at 128x128 in 6 experiments, dense fields as in real Cell Painting
     "demo": SyntheticConfig(
-        n_genes=300,
+        n_genes=360,
+        complex_gene_fraction=0.85,
+        max_complex_size=16,
+        exclusive_complexes=True,
         guides_per_gene=2,
         n_compounds=40,
         n_experiments=6,
@@ -171,6 +178,18 @@ def _complexes(max_size: int) -> list[tuple[str, list[str]]]:
 
 
 @functools.lru_cache(maxsize=1)
+def _corum_partners() -> dict[str, frozenset[str]]:
+    """Every gene of the bundled CORUM pair table -> the genes it is paired with there."""
+    df = pd.read_csv(importlib.resources.files("vitally_jax.annotations").joinpath("CORUM.txt"))
+    out: dict[str, set[str]] = {}
+    for a, b in zip(df.iloc[:, 0].astype(str), df.iloc[:, 1].astype(str), strict=True):
+        if a != b:
+            out.setdefault(a, set()).add(b)
+            out.setdefault(b, set()).add(a)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+@functools.lru_cache(maxsize=1)
 def _all_symbols() -> list[str]:
     syms: set[str] = set()
     for f in ("CORUM.txt", "Reactome.txt", "SIGNOR.txt"):
@@ -188,19 +207,28 @@ def make_biology(cfg: SyntheticConfig) -> tuple[pd.DataFrame, np.ndarray, pd.Dat
     """
     rng = np.random.default_rng((cfg.seed, 1))
     complexes = _complexes(cfg.max_complex_size)
-    order = rng.permutation(len(complexes))
+    if cfg.exclusive_complexes:  # complexes in proportion to their size (the complex of a random complex gene)
+        size = np.array([len(g) for _, g in complexes], np.float64)
+        order = np.argsort(-np.log(rng.random(len(complexes))) / size**2)  # weighted sampling without replacement
+    else:
+        order = rng.permutation(len(complexes))
     want = int(round(cfg.complex_gene_fraction * cfg.n_genes))
     used: set[str] = set()
+    linked: set[str] = set()  # CORUM partners of the genes chosen so far (exclusive_complexes)
+    partners = _corum_partners() if cfg.exclusive_complexes else {}
     chosen: list[tuple[str, list[str]]] = []
     for i in order:
         name, g = complexes[i]
-        if used.intersection(g) or len(used) + len(g) > want:
+        if used.intersection(g) or len(used) + len(g) > want or linked.intersection(g):
             continue
         chosen.append((name, g))
         used.update(g)
+        for gene in g:
+            linked.update(partners.get(gene, ()))
         if len(used) >= want - 2:
             break
-    others = [s for s in _all_symbols() if s not in used]  # cached list: do not modify
+    # cached list: do not modify
+    others = [s for s in _all_symbols() if s not in used and not (cfg.exclusive_complexes and s in partners)]
     extra = [others[i] for i in rng.choice(len(others), cfg.n_genes - len(used), replace=False)]
     scale = cfg.phenotype_scale * np.sqrt(PHENOTYPE_DIM)
 
