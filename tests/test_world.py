@@ -326,3 +326,31 @@ def test_staining_efficiency_per_compartment_survives_standardisation():
     print(s)
     assert m["weak"] < 0.85 * m["base"]
     assert abs(s["gain"] - s["base"]) < 0.25 * abs(s["weak"] - s["base"])
+
+
+def test_demo_world_plants_every_corum_pair():
+    """With exclusive_complexes (the demo preset) every CORUM pair among the screened genes joins two genes of one
+    planted complex, and the default seed screens enough pairs for a +-0.03 recall interval; the tiny preset keeps
+    the uniform, non-exclusive draw."""
+    from vitally_jax.benchmarks.annotations import load_relationships, relationship_index_pairs
+
+    rels = load_relationships("CORUM")
+    cfg = synthetic.preset("demo")
+    assert cfg.exclusive_complexes and not synthetic.preset("tiny").exclusive_complexes
+    genes, _, world = synthetic.make_biology(cfg)
+    assert len(genes) == cfg.n_genes == 360
+    labels = genes["gene"].to_numpy()
+    pairs = relationship_index_pairs(rels, labels)
+    cplx = genes["complex"].to_numpy()
+    assert len(pairs) >= 1100  # 1.96 * sqrt(0.25 / 1100) = 0.030
+    assert all(cplx[i] != "" and cplx[i] == cplx[j] for i, j in pairs)
+    planted = world[world["kind"] == "complex"]
+    # and nearly every planted pair is a CORUM pair (the clusters table holds a few pairs the pair table lacks)
+    assert len(pairs) <= len(planted) <= 1.01 * len(pairs)
+    frac = (genes["complex"] != "").mean()
+    assert abs(frac - cfg.complex_gene_fraction) < 0.02
+    # without the rule, CORUM links genes of different planted complexes (what the rule removes)
+    g2, _, _ = synthetic.make_biology(cfg.replace(exclusive_complexes=False))
+    c2 = g2["complex"].to_numpy()
+    p2 = relationship_index_pairs(rels, g2["gene"].to_numpy())
+    assert sum(c2[i] == "" or c2[i] != c2[j] for i, j in p2) > 50
