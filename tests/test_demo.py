@@ -289,3 +289,20 @@ def test_in_memory_training_crops_match_store_reads(tmp_path):
         resumed = iter(train_dataset(path, in_memory=True, **kw))
         resumed.set_state(state)
         np.testing.assert_array_equal(next(resumed)["image"], expected)
+
+
+def test_run_prints_headroom_and_findings(shrunken_demo, capsys):
+    from vitally_jax.demo import log_findings
+
+    _, _, run_dir = shrunken_demo
+    results = json.loads((run_dir / "results.json").read_text())
+    capsys.readouterr()
+    log_findings(run_dir / "results.json")
+    out = capsys.readouterr().out
+    assert out.count("headroom ") == len(results["ceilings"]) >= 2
+    rows = [ln for ln in out.splitlines() if " -> " in ln and "findings (" not in ln]
+    assert len(rows) == len(results["findings"]) >= 10
+    for f, ln in zip(results["findings"], rows, strict=True):
+        assert f["claim"] in ln and ln.split(" -> ")[1].startswith(f["verdict"])
+        if not math.isnan(f["difference"]):
+            assert f"{f['difference']:+.3f} [{f['lo']:+.3f}, {f['hi']:+.3f}]" in ln

@@ -59,8 +59,28 @@ def run(config, workdir: str | os.PathLike | None = None) -> int:
             write_marker(wd, WORKDIR_KIND, created_by="vitally_jax.demo")
         run_ablation(config, wd)
         return 0
-    run_pipeline(config, workdir)
+    out = run_pipeline(config, workdir)
+    log_findings(pathlib.Path(out["report"]["report"]).parent / "results.json")
     return 0
+
+
+def log_findings(results_json: pathlib.Path) -> None:
+    """Print the ceilings' headroom and the findings table of a finished run (what the report shows first)."""
+    import json
+    import math
+
+    r = json.loads(pathlib.Path(results_json).read_text())
+    for c in r.get("ceilings", []):
+        log(
+            f"  headroom {c['metric']:<22} {c['headroom']:6.3f}  (oracle {c['oracle']:.3f}, chance {c['chance']:.3f}, "
+            f"best non-learned: {c['best non-learned baseline']} {c['its value']:.3f})"
+        )
+    log("findings (difference [95% interval] -> verdict):")
+    for f in r.get("findings", []):
+        d = f.get("difference")
+        ci = "" if d is None or math.isnan(d) else f" {d:+.3f} [{f['lo']:+.3f}, {f['hi']:+.3f}]"
+        note = f"  ({f['note']})" if f.get("note") else ""
+        log(f"  {f['claim']} | {f['metric'] or '-'} |{ci} -> {f['verdict']}{note}")
 
 
 def run_pipeline(config, workdir: str | os.PathLike | None = None) -> dict:
