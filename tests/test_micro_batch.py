@@ -93,13 +93,15 @@ def test_accumulated_gradients_equal_whole_batch_gradients():
 
 
 def test_slice_rules():
-    c = _config(batch=64)
+    c = _config(batch=256)
     cfg = train.model_config(c)
     one = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     tokens = train.num_tokens(cfg) + 1
+    assert 256 * tokens > 2176  # the automatic rule has to slice this batch
     from vitally_jax.embedding.blocks import cpu_micro_batch
 
-    assert train.train_micro_batch(c, cfg, one) == cpu_micro_batch(64, tokens)
+    auto = train.train_micro_batch(c, cfg, one)
+    assert auto == cpu_micro_batch(256, tokens) and 2 <= auto < 256 and 256 % auto == 0 and auto * tokens <= 2176
     assert train.train_micro_batch(c, cfg, sharding.make_mesh((8, 1, 1))) == 0  # data parallel: whole batch
     c.input.micro_batch = 16
     assert train.train_micro_batch(c, cfg, one) == 16

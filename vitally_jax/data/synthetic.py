@@ -207,9 +207,9 @@ def make_biology(cfg: SyntheticConfig) -> tuple[pd.DataFrame, np.ndarray, pd.Dat
     """
     rng = np.random.default_rng((cfg.seed, 1))
     complexes = _complexes(cfg.max_complex_size)
-    if cfg.exclusive_complexes:  # complexes in proportion to their size (the complex of a random complex gene)
+    if cfg.exclusive_complexes:  # complexes in proportion to size squared: large ones carry most annotated pairs
         size = np.array([len(g) for _, g in complexes], np.float64)
-        order = np.argsort(-np.log(rng.random(len(complexes))) / size**2)  # weighted sampling without replacement
+        order = np.argsort(-np.log(rng.random(len(complexes))) / size**2)  # weighted draw without replacement
     else:
         order = rng.permutation(len(complexes))
     want = int(round(cfg.complex_gene_fraction * cfg.n_genes))

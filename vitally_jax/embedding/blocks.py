@@ -82,7 +82,7 @@ _forward_jit = jax.jit(_forward, static_argnames=("graphdef", "blocks", "pooling
 
 # XLA:CPU runs the every-block pass fastest when one slice holds about this many token rows (crops x tokens per
 # crop), so that a block's activations stay in the cache: 32 crops of S/16 at 128 px (65 tokens), 8 at 256 px.
-# `python tools/perf/bench_embed.py --micro_batch=0` measures the whole-batch pass beside the sliced one.
+# `python tools/perf/bench_embed.py` times the sliced pass beside the whole-batch one (`--whole_batch_too=1`).
 CPU_SLICE_ROWS = 2176
 
 
