@@ -115,6 +115,63 @@ def test_profile_train_step_ablation_runs(tmp_path):
     assert "decoder kernels at rows 34, width 32, hidden 128, 2 heads x 17 tokens (median ms of 2)" in r.stdout
 
 
+def _gemm_bound():
+    sys.path.insert(0, str(PERF))
+    try:
+        import gemm_bound
+    finally:
+        sys.path.remove(str(PERF))
+    return gemm_bound
+
+
+def test_gemm_bound_counts_every_matmul_of_a_scanned_layer_stack_and_its_backward():
+    """A 3-layer scan of tanh(h @ w_i), differentiated: 3 forward matmuls, then per layer one for the input's
+    gradient and one for the weight's, each counted as often as the scan runs it, with B, M, K, N and FLOPs."""
+    import jax.numpy as jnp
+
+    gb = _gemm_bound()
+
+    def loss(w, x):
+        h, _ = jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)
+        return jnp.sum(h)
+
+    w, x = jnp.ones((3, 16, 16)), jnp.ones((5, 16))
+    dots = gb.dot_generals(jax.make_jaxpr(jax.jit(jax.value_and_grad(loss)))(w, x))
+    assert sum(dots.values()) == 9
+    shapes = sorted((gb.canonical(k)["m"], gb.canonical(k)["k"], gb.canonical(k)["n"], n) for k, n in dots.items())
+    # forward h @ w (5x16x16) and input grad g @ w^T (5x16x16): 6 calls; weight grad h^T @ g (16x5x16): 3 calls
+    assert sum(n for m, k, nn, n in shapes if (m, k, nn) == (5, 16, 16)) == 6
+    assert sum(n for m, k, nn, n in shapes if (m, k, nn) == (16, 5, 16)) == 3
+    assert all(gb.canonical(k)["flops"] == 2 * 5 * 16 * 16 for k in dots)
+    # a batched matmul: batch, free and contracting sizes from the dimension numbers
+    key = ((4, 7, 3), (4, 3, 9), (((2,), (1,)), ((0,), (0,))), "float32", "float32")
+    assert gb.canonical(key) == {"b": 4, "m": 7, "k": 3, "n": 9, "flops": 2 * 4 * 7 * 3 * 9}
+
+
+def test_gemm_bound_tool_runs(tmp_path):
+    """The tool times every matmul of the every-block pass alone and the whole pass (tiny shapes; MKL and the
+    PyTorch program are reported as not available when the torch venv is missing, as in CI)."""
+    out = tmp_path / "gemm.json"
+    r = _run_tool(
+        "gemm_bound.py",
+        "--job=forward",
+        "--variant=mu/8",
+        "--crop=32",
+        "--batch=2",
+        "--repeats=2",
+        "--passes=1",
+        "--rounds=1",
+        f"--json={out}",
+        VITALLY_TORCH_PYTHON=str(tmp_path / "no-venv" / "python"),
+    )
+    res = json.loads(out.read_text())
+    # mu/8: 3 parallel blocks of [in_proj, QK^T, AV (one group of two heads), attn_out, mlp_out] + the patch embed
+    assert res["calls"] == 16 and res["distinct"] == len(res["cases"])
+    assert res["xla_s"] > 0 and res["ours_s"] > 0 and res["mkl_s"] is None and res["torch_s"] is None
+    assert res["xla_s"] == pytest.approx(sum(c["xla_ms"] * c["count"] for c in res["cases"]) / 1e3)
+    assert "matmuls: " in r.stdout and "16 calls" in r.stdout
+
+
 def test_pod_plan_mesh_choice_keeps_every_weight_sharded():
     """G/8's width 1,664 = 13 x 128 does not split 256 ways: pure fsdp=256 would leave its fused projections whole
     on every device, so the plan uses data=2 x fsdp=128 there; L/8 splits 256 ways."""
@@ -139,6 +196,7 @@ def test_pod_plan_mesh_choice_keeps_every_weight_sharded():
         "bench_embed.py",
         "gpu_check.py",
         "profile_train_step.py",
+        "gemm_bound.py",
     ],
 )
 def test_perf_scripts_start(script):

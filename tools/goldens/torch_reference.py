@@ -16,7 +16,9 @@ Worker protocol (used by `tools/perf/bench_train.py`, one process kept alive so 
 `--check` prints versions and whether torch.compile works on this CPU. `--kernels '{"rows": 520, "width": 512,
 "hidden": 2048, "tokens": 65, "heads": 16, "repeats": 20}'` prints the median milliseconds of the decoder block's
 kernels (GELU, LayerNorm, softmax, attention fused (SDPA) and unfused, the batched QK^T matmul, the MLP's three
-GEMMs) and of a 2048^3 matmul, at 1 and 2 threads (see `tools/perf/profile_train_step.py`).
+GEMMs) and of a 2048^3 matmul, at 1 and 2 threads (see `tools/perf/profile_train_step.py`). `--gemms '{"gemms":
+[{"b": 1, "m": 520, "k": 512, "n": 2048}, ...], "repeats": 10, "threads": 2}'` prints the median milliseconds of
+each (B, M, K) x (B, K, N) float32 torch.matmul (see `tools/perf/gemm_bound.py`).
 """
 
 from __future__ import annotations
@@ -304,8 +306,26 @@ def kernels(spec: dict) -> dict:
     return out
 
 
+def gemms(spec: dict) -> dict:
+    """{"ms": [median ms of torch.matmul (B, M, K) x (B, K, N) (2-D when B = 1) for each of spec["gemms"]]}."""
+    torch.set_num_threads(int(spec.get("threads", 2)))
+    g = torch.Generator().manual_seed(0)
+    out = []
+    with torch.no_grad():
+        for c in spec["gemms"]:
+            lead = (c["b"],) if c["b"] > 1 else ()
+            a = torch.randn(*lead, c["m"], c["k"], generator=g)
+            b = torch.randn(*lead, c["k"], c["n"], generator=g)
+            _median_ms(lambda a=a, b=b: torch.matmul(a, b), 1)
+            out.append(_median_ms(lambda a=a, b=b: torch.matmul(a, b), spec.get("repeats", 10)))
+    return {"ms": out}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--gemms":
+        print(json.dumps(gemms(json.loads(argv[1]))))
+        return 0
     if argv and argv[0] == "--kernels":
         print(json.dumps(kernels(json.loads(argv[1]))))
         return 0

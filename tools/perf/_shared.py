@@ -92,7 +92,8 @@ def build_jax_step(
 
 def one_device_step(config, mae_cfg, seed: int = 0):
     """-> (run(state) -> (state, metrics), initial state): the trainer's jitted update of `config` / `mae_cfg` on
-    one device, fed one fixed random uint8 batch of the config's crop and global batch."""
+    one device, fed one fixed random uint8 batch of the config's crop and global batch. `run.trace(state)` returns
+    the step's jaxpr."""
     import jax
     import numpy as np
     from flax import nnx
@@ -121,7 +122,12 @@ def one_device_step(config, mae_cfg, seed: int = 0):
         jax.block_until_ready(metrics["loss"])
         return state, metrics
 
+    def trace(state):
+        with jax.set_mesh(mesh):
+            return jax.make_jaxpr(step)(state, batch_arr, key)
+
     run.micro_batch = micro
+    run.trace = trace  # -> the step's jaxpr (forward, backward and update), for tools/perf/gemm_bound.py
     return run, state
 
 

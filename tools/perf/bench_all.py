@@ -50,6 +50,15 @@ BENCHES = {
     ],
     # whole-screen embedding end to end vs the PyTorch DataLoader reference (every block, last block only)
     "embed": ["tools/perf/bench_embed.py", "--rounds=3", f"--json={OUT}/embed.json"],
+    # the matmul floor: every matmul of our program alone, XLA:CPU vs MKL, next to both whole programs
+    "gemm_train128": [
+        "tools/perf/gemm_bound.py",
+        "--job=train",
+        "--crop=128",
+        "--batch=8",
+        f"--json={OUT}/gemm_train128.json",
+    ],
+    "gemm_forward": ["tools/perf/gemm_bound.py", "--job=forward", "--batch=32", f"--json={OUT}/gemm_forward.json"],
     # inference: every-block extraction vs final block only vs the PyTorch reference forward (+ linear probes)
     "infer": ["tools/perf/bench_probe.py", "--repeats=3", "--json", f"{OUT}/infer.json"],
     "data": [
@@ -180,6 +189,30 @@ def summary_lines(info: dict, rows: list[dict]) -> list[str]:
                 f"{e['batch']} at once: **{e['ratio_sliced_vs_whole_batch']:.2f}x**.",
                 "",
             ]
+    bound_rows = []
+    for name in ("gemm_train128", "gemm_forward"):
+        g = _read(name, info["started"]) if name in ran and ran[name]["rc"] == 0 else None
+        if not g or not g.get("mkl_s") or not g.get("torch_s"):
+            continue
+        bound_rows.append(
+            f"| {g['job']} | {g['calls']} ({g['gflop']:.0f} GFLOP) | {g['xla_s']:.3f} s | {g['xla_nn_s']:.3f} s | "
+            f"{g['mkl_s']:.3f} s | {g['xla_s'] / g['mkl_s']:.2f}x | {g['ours_s']:.3f} s | {g['torch_s']:.3f} s | "
+            f"{g['xla_s'] / g['ours_s']:.0%} | **{g['torch_s'] / g['xla_s']:.2f}x** |"
+        )
+    if bound_rows:
+        lines += [
+            "The matmul floor (`tools/perf/gemm_bound.py`: every matmul of our program, read from its jaxpr and "
+            "counted as often as it runs, timed alone through XLA:CPU as in the program, through XLA on row-major "
+            "(B, M, K) x (B, K, N) operands, and through PyTorch's MKL; the whole programs measured in the same run; "
+            "the bound is PyTorch's whole program over our matmuls alone, the most ours could reach if every "
+            "other op were free):",
+            "",
+            "| program | matmul calls | XLA as in program | XLA row-major | MKL | MKL faster by | ours whole | "
+            "PyTorch whole | matmuls / ours | bound vs PyTorch |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *bound_rows,
+            "",
+        ]
     for r in rows:
         if r["name"] in ("infer", "data", "maps", "curation"):
             lines += [f"`{r['name']}` (rc {r['rc']}, {r['wall_s']:.0f} s), its last lines:", "", "```"]
