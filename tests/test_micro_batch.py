@@ -1,4 +1,5 @@
-"""Gradient accumulation inside the train step: sliced == whole batch (loss, gradients, update); the slice rules."""
+"""Gradient accumulation inside the train step: sliced == whole batch (loss, gradients, update); the slice rules;
+the automatic remat policy of a CPU backend gives the step without remat."""
 
 import jax
 import numpy as np
@@ -41,6 +42,33 @@ def whole():
     return _one_step(_config(), 0)
 
 
+def _same_update(got, ref, before) -> float:
+    """Fraction of the updated values that agree (where the reference moved a parameter)."""
+    same = total = 0
+    for a, b, a0 in zip(jax.tree.leaves(got), jax.tree.leaves(ref), jax.tree.leaves(before), strict=True):
+        if np.abs(b - a0).max() > 0:
+            same += int(np.isclose(a, b, rtol=1e-5, atol=1e-7).sum())
+            total += a.size
+    assert total > 1000
+    return same / total
+
+
+def test_auto_remat_is_dots_saveable_on_cpu_and_gives_the_same_step(whole):
+    """model.remat 'auto' (the default) resolves per backend; on CPU its step (matmul outputs kept, the rest
+    recomputed in the backward pass) equals the step that stores every intermediate."""
+    assert config_lib.load("tiny").model.remat == "auto"
+    assert train.auto_remat("cpu") == "dots_saveable" and train.auto_remat("gpu") == train.auto_remat("tpu") == "none"
+    assert train.model_config(_config()).encoder.remat == "dots_saveable"
+    c = _config()
+    c.model.remat = "none"
+    assert train.model_config(c).encoder.remat == "none"
+    before, ref, m_ref = whole
+    _, got, m = _one_step(c, 0)
+    for k in ("loss", "loss_rec", "loss_fourier", "grad_norm"):
+        assert m[k] == pytest.approx(m_ref[k], rel=2e-5), k
+    assert _same_update(got, ref, before) > 0.999
+
+
 @pytest.mark.parametrize("micro", [2, 4])
 def test_sliced_step_equals_the_whole_batch(whole, micro):
     """The jitted step: the same losses and gradient norm; the same update wherever the gradient is not ~0 (Lion
@@ -49,12 +77,7 @@ def test_sliced_step_equals_the_whole_batch(whole, micro):
     _, got, m = _one_step(_config(), micro)
     for k in ("loss", "loss_rec", "loss_fourier", "grad_norm"):
         assert m[k] == pytest.approx(m_ref[k], rel=2e-5), k
-    same = total = 0
-    for a, b, a0 in zip(jax.tree.leaves(got), jax.tree.leaves(ref), jax.tree.leaves(before), strict=True):
-        if np.abs(b - a0).max() > 0:
-            same += int(np.isclose(a, b, rtol=1e-5, atol=1e-7).sum())
-            total += a.size
-    assert total > 1000 and same / total > 0.999
+    assert _same_update(got, ref, before) > 0.999
 
 
 def test_accumulated_gradients_equal_whole_batch_gradients():

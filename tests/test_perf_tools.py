@@ -97,6 +97,7 @@ def test_profile_train_step_ablation_runs(tmp_path):
     result = json.loads(out.read_text())
     s = result["seconds"]
     assert s["ours_full"] > 0 and s["ours_decoder_1"] > 0 and s["ours_no_fourier"] > 0 and s["ours_xla_attention"] > 0
+    assert s["ours_remat_none"] > 0
     assert s["torch_full"] is None and s["torch_decoder_1"] is None
     k = result["kernels_ms"]
     assert set(k["ours"]) == {

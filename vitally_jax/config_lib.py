@@ -74,7 +74,10 @@ def build(recipe: dict, arg: str | None) -> ml_collections.ConfigDict:
     c.model.fourier = "reference"
     c.model.drop_path_rate = recipe["drop_path_rate"]
     c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (parameters stay float32)
-    c.model.remat = "none"  # "none" | "full" | "dots_saveable" (encoder and decoder block stacks)
+    # rematerialisation of the encoder and decoder block stacks in the backward pass: "auto" (on a CPU backend
+    # "dots_saveable", which keeps matmul outputs and recomputes the rest; "none" elsewhere) | "none" | "full" |
+    # "dots_saveable"
+    c.model.remat = "auto"
     # attention: None (per backend) | "xla" | "cudnn" | "head_groups" | "splash" | "chunked" (models/attention.py)
     c.model.attention_impl = config_dict.placeholder(str)
     # trainable block biases: "legacy" (timm 0.9.7's mlp_bias, as the reference trained; exports to timm and

@@ -50,15 +50,28 @@ jax.monitoring.register_event_duration_secs_listener(_count_lowerings)
 
 def model_config(config):
     """`MAEConfig` from the config's `model` section (every key but `variant` is a `mae_config` override; None =
-    the variant's value) and `input.crop` (the image size); a key `mae_config` does not know is refused there."""
+    the variant's value; `remat` "auto" is `auto_remat()`) and `input.crop` (the image size); a key `mae_config`
+    does not know is refused there."""
     from vitally_jax.models.mae import mae_config
 
     overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
     variant = overrides.pop("variant")
+    if overrides.get("remat") == "auto":
+        overrides["remat"] = auto_remat()
     overrides["img_size"] = config.input.crop
     if variant.startswith("CA-"):
         overrides["decoder_channels"] = config.model.in_chans  # one decoder stack per training channel
     return mae_config(variant, **overrides)
+
+
+def auto_remat(backend: str | None = None) -> str:
+    """`model.remat` "auto": "dots_saveable" on a CPU backend, "none" elsewhere.
+
+    On XLA:CPU, keeping only the matmul outputs for the backward pass and recomputing the elementwise ops (GELU,
+    LayerNorm, softmax) is faster than storing every intermediate: the S/16 step took 1.07x less time at 128 px
+    (batch 8) and 1.13x less at 256 px (batch 32), interleaved A/B on a 2-core AVX-512 host; writing and reading
+    the stored activations is memory traffic a CPU pays for. Accelerators keep everything when it fits."""
+    return "dots_saveable" if (backend or jax.default_backend()) == "cpu" else "none"
 
 
 def build_abstract(config, mae_cfg, mesh):

@@ -64,9 +64,11 @@ def build_jax_step(
     decoder_depth: int | None = None,
     seed: int = 0,
     micro_batch: int | None = None,
+    remat: str = "auto",
 ):
     """-> (step(state) -> state, state, flops per image, mae_cfg): the trainer's jitted update on one device.
-    `micro_batch`: `input.micro_batch` (None: the trainer's automatic choice); `step.micro_batch` tells which ran."""
+    `micro_batch`: `input.micro_batch` (None: the trainer's automatic choice); `step.micro_batch` tells which ran.
+    `remat`: `model.remat` ("auto": the trainer's per-backend choice)."""
     from vitally_jax import aot, train
     from vitally_jax.models.mae import mae_config
 
@@ -78,6 +80,7 @@ def build_jax_step(
     config.input.crop = crop
     config.input.global_batch = batch
     config.input.micro_batch = micro_batch
+    config.model.remat = remat
     mae_cfg = train.model_config(config)
     over = {}
     if depth is not None:

@@ -5,7 +5,8 @@
 
 Each side is timed as the full step and with the MAE decoder cut from 8 blocks to 1, so the difference is the
 cost of 7 decoder blocks (pre-norm, width 512, 16 heads, all tokens); ours is also timed without the Fourier loss
-(its FFTs) and with attention as one `jax.nn.dot_product_attention` op instead of the CPU default's head groups.
+(its FFTs), with attention as one `jax.nn.dot_product_attention` op instead of the CPU default's head groups, and
+with `model.remat='none'` instead of the CPU default 'dots_saveable' (`vitally_jax.train.auto_remat`).
 Medians of `--steps` steps after two warm-up steps; the PyTorch side runs eagerly in the torch venv
 (`VITALLY_TORCH_PYTHON`, see `tools/perf/_shared.py`) with `--threads` threads (default 2), after ours.
 
@@ -201,6 +202,7 @@ def step_ablation(args) -> dict:
     finally:
         mae._fourier_l1 = real
     r["ours_xla_attention"] = _ours(*a, attention_impl="xla")  # one dot_product_attention op, not head groups
+    r["ours_remat_none"] = _ours(*a, remat="none")  # every intermediate stored, not the CPU default dots_saveable
     r["torch_full"], r["torch_decoder_1"] = _torch(*a, 8, args.threads), _torch(*a, 1, args.threads)
 
     def row(name, full, dec1, extra=""):
@@ -216,6 +218,10 @@ def step_ablation(args) -> dict:
     print(
         f"ours with attention as one XLA op (attention_impl='xla') instead of head groups: full step "
         f"{r['ours_xla_attention']:.3f} s ({r['ours_xla_attention'] / r['ours_full']:.2f}x the default's time)"
+    )
+    print(
+        f"ours with model.remat='none' (every intermediate stored) instead of the CPU default 'dots_saveable': full "
+        f"step {r['ours_remat_none']:.3f} s ({r['ours_remat_none'] / r['ours_full']:.2f}x the default's time)"
     )
     if r["torch_full"] is not None:
         print(
