@@ -196,20 +196,21 @@ def summary_lines(info: dict, rows: list[dict]) -> list[str]:
             continue
         bound_rows.append(
             f"| {g['job']} | {g['calls']} ({g['gflop']:.0f} GFLOP) | {g['xla_s']:.3f} s | {g['xla_nn_s']:.3f} s | "
-            f"{g['mkl_s']:.3f} s | {g['xla_s'] / g['mkl_s']:.2f}x | {g['ours_s']:.3f} s | {g['torch_s']:.3f} s | "
-            f"{g['xla_s'] / g['ours_s']:.0%} | **{g['torch_s'] / g['xla_s']:.2f}x** |"
+            f"{g['xla_best_s']:.3f} s | {g['mkl_s']:.3f} s | {g['xla_best_s'] / g['mkl_s']:.2f}x | "
+            f"{g['ours_s']:.3f} s | {g['torch_s']:.3f} s | {g['xla_best_s'] / g['ours_s']:.0%} | "
+            f"**{g['torch_s'] / g['xla_best_s']:.2f}x** |"
         )
     if bound_rows:
         lines += [
             "The matmul floor (`tools/perf/gemm_bound.py`: every matmul of our program, read from its jaxpr and "
             "counted as often as it runs, timed alone through XLA:CPU as in the program, through XLA on row-major "
-            "(B, M, K) x (B, K, N) operands, and through PyTorch's MKL; the whole programs measured in the same run; "
-            "the bound is PyTorch's whole program over our matmuls alone, the most ours could reach if every "
-            "other op were free):",
+            "(B, M, K) x (B, K, N) operands (XLA's best: the faster of the two per matmul), and through PyTorch's "
+            "MKL; the whole programs measured in the same run; the bound is PyTorch's whole program over XLA's best "
+            "matmul time, the most ours could reach if every other op were free):",
             "",
-            "| program | matmul calls | XLA as in program | XLA row-major | MKL | MKL faster by | ours whole | "
-            "PyTorch whole | matmuls / ours | bound vs PyTorch |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| program | matmul calls | XLA as in program | XLA row-major | XLA's best | MKL | MKL faster by | "
+            "ours whole | PyTorch whole | XLA's best / ours | bound vs PyTorch |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             *bound_rows,
             "",
         ]

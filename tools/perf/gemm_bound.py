@@ -19,7 +19,9 @@ The sums, times the counts, are what the program's matmuls alone cost on each li
 side by side in the same process pair: ours (the trainer's jitted step / the every-block pass) and the PyTorch
 reference (`tools/goldens/torch_reference.py`: eager step / inference forward, both in float32). The last line is
 the bound that follows: even if every op other than a matmul cost nothing in our program, ours could be at most
-(PyTorch's whole program) / (our matmuls alone) as fast as PyTorch.
+(PyTorch's whole program) / (our matmuls alone) as fast as PyTorch, where "our matmuls alone" takes, per matmul,
+the faster of XLA's two ways (the bound is the most generous to us). XLA runs `INNER` matmuls per call in one
+compiled loop, so its figures carry no per-call dispatch cost; PyTorch's eager calls carry theirs (microseconds).
 """
 
 from __future__ import annotations
@@ -83,8 +85,24 @@ def canonical(key) -> dict:
     return {"b": b, "m": m, "k": k, "n": n, "flops": 2 * b * m * k * n}
 
 
+INNER = 8  # matmuls per XLA call: one dispatch runs this many in a loop, so the figure is the matmul, not the call
+
+
+def _looped(matmul, inner: int = INNER):
+    """jit of `inner` dependent runs of matmul(x, y) in one program: each run's lhs is the previous lhs plus 0 x one
+    element of its product, so XLA can neither hoist the matmul out of the loop nor drop a run (x + 0 * v is not
+    simplified away under IEEE semantics); the extra elementwise pass over the lhs is 1/N of the matmul's work."""
+    import jax
+
+    def body(x, y):
+        return x + 0.0 * matmul(x, y).reshape(-1)[0].astype(x.dtype)
+
+    return jax.jit(lambda x, y: jax.lax.fori_loop(0, inner, lambda i, xx: body(xx, y), x))
+
+
 def _xla_cases(key):
-    """-> (run as in the program, run as (B, M, K) x (B, K, N)): zero-argument callables, compiled and warm."""
+    """-> (run as in the program, run as (B, M, K) x (B, K, N)): zero-argument callables, compiled and warm, each
+    running `INNER` matmuls in one call."""
     import jax
     import jax.numpy as jnp
 
@@ -94,8 +112,8 @@ def _xla_cases(key):
     a, b = jax.random.normal(ka, lhs, ldt), jax.random.normal(kb, rhs, rdt)
     a2 = jax.random.normal(ka, (c["b"], c["m"], c["k"]) if c["b"] > 1 else (c["m"], c["k"]), ldt)
     b2 = jax.random.normal(kb, (c["b"], c["k"], c["n"]) if c["b"] > 1 else (c["k"], c["n"]), rdt)
-    f = jax.jit(lambda x, y: jax.lax.dot_general(x, y, dims))
-    g = jax.jit(jnp.matmul)
+    f = _looped(lambda x, y: jax.lax.dot_general(x, y, dims))
+    g = _looped(jnp.matmul)
     runs = (lambda: jax.block_until_ready(f(a, b)), lambda: jax.block_until_ready(g(a2, b2)))
     for r in runs:
         r()
@@ -202,14 +220,15 @@ def main(argv=None) -> int:
     # of each pass's median, so a burst of load on a shared host moves one pass, not the figure
     xla, xla_nn, mkl, why = [], [], [], None
     for _ in range(args.passes):
-        xla.append([_shared.median_s(r[0], args.repeats, warmup=0) * 1e3 for r in runs])
-        xla_nn.append([_shared.median_s(r[1], args.repeats, warmup=0) * 1e3 for r in runs])
+        xla.append([_shared.median_s(r[0], args.repeats, warmup=0) * 1e3 / INNER for r in runs])
+        xla_nn.append([_shared.median_s(r[1], args.repeats, warmup=0) * 1e3 / INNER for r in runs])
         ms, why = _time_mkl(cases, args.repeats, args.threads)
         if ms is not None:
             mkl.append(ms)
     for i, c in enumerate(cases):
         c["xla_ms"] = statistics.median(p[i] for p in xla)
         c["xla_nn_ms"] = statistics.median(p[i] for p in xla_nn)
+        c["xla_best_ms"] = min(c["xla_ms"], c["xla_nn_ms"])
         if mkl:
             c["mkl_ms"] = statistics.median(p[i] for p in mkl)
 
@@ -239,6 +258,7 @@ def main(argv=None) -> int:
         "gflop": sum(c["flops"] * c["count"] for c in cases) / 1e9,
         "xla_s": total("xla_ms"),
         "xla_nn_s": total("xla_nn_ms"),
+        "xla_best_s": total("xla_best_ms"),
         "mkl_s": total("mkl_ms"),
         "ours_s": statistics.median(ours),
         "ours_all": ours,
@@ -271,14 +291,17 @@ def print_report(res: dict) -> None:
         )
     if len(res["cases"]) > 12:
         print(f"  ... {len(res['cases']) - 12} more in the JSON")
-    x, xnn, mkl = res["xla_s"], res["xla_nn_s"], res["mkl_s"]
-    print(f"matmuls alone: XLA as in the program {fmt(x)}, XLA row-major {fmt(xnn)}, MKL {fmt(mkl)}", end="")
-    print(f" (MKL {x / mkl:.2f}x faster)" if mkl else f" ({res['torch_note']})")
+    x, xnn, best, mkl = res["xla_s"], res["xla_nn_s"], res["xla_best_s"], res["mkl_s"]
+    print(
+        f"matmuls alone: XLA as in the program {fmt(x)}, XLA row-major {fmt(xnn)}, XLA's best (the faster of the two "
+        f"per matmul) {fmt(best)}; MKL {fmt(mkl)}"
+        + (f" ({best / mkl:.2f}x faster than XLA's best)" if mkl else f" ({res['torch_note']})")
+    )
     print(f"whole program: ours {fmt(res['ours_s'])}, PyTorch ({res['torch_cmd']}) {fmt(res['torch_s'])}", end="")
     print(f", ours/PyTorch speed {res['torch_s'] / res['ours_s']:.2f}x" if res["torch_s"] else "")
-    print(f"our matmuls are {x / res['ours_s']:.0%} of our program's time", end="")
+    print(f"XLA's best matmul time is {best / res['ours_s']:.0%} of our program's time", end="")
     if res["torch_s"]:
-        print(f"; with every other op free, ours could reach at most {res['torch_s'] / x:.2f}x PyTorch's speed")
+        print(f"; with every other op free, ours could reach at most {res['torch_s'] / best:.2f}x PyTorch's speed")
     else:
         print()
     for n in res["notes"]:
