@@ -272,6 +272,26 @@ def test_bench_all_writes_its_figures_between_the_markers(tmp_path):
         bench_all.write_doc_section(lines, doc)
 
 
+def test_bench_all_matmul_floor_row_is_the_bound_from_the_tools_json(tmp_path, monkeypatch):
+    """The summary's matmul-floor row shows what gemm_bound.py wrote: the bound is PyTorch's whole program over
+    XLA's best matmul time; a run against torch.compile says so."""
+    sys.path.insert(0, str(PERF))
+    try:
+        import bench_all
+    finally:
+        sys.path.remove(str(PERF))
+    monkeypatch.setattr(bench_all, "OUT", tmp_path)
+    g = {"job": "MAE train step X", "calls": 812, "gflop": 101.5, "xla_s": 0.7, "xla_nn_s": 0.65, "xla_best_s": 0.625}
+    g.update(mkl_s=0.5, ours_s=1.25, torch_s=0.8, torch_cmd="compile")
+    (tmp_path / "gemm_train256.json").write_text(json.dumps(g))
+    info = {"command": "c", "date": "d", "machine": bench_all.host(), "load_start": "1", "load_end": "1"}
+    info.update(wall_s=60.0, started=0.0)
+    lines = bench_all.summary_lines(info, [{"name": "gemm_train256", "rc": 0, "wall_s": 1.0, "tail": []}])
+    (row,) = [ln for ln in lines if ln.startswith("| MAE train step X")]
+    assert "vs torch.compile" in row and "| 0.625 s | 0.500 s | 1.25x |" in row
+    assert "| 50% | **1.28x** |" in row  # 0.625 / 1.25 of ours; 0.8 / 0.625 = 1.28
+
+
 def test_host_names_this_machine():
     """The machine every benchmark and real-data report names: its CPU model as /proc/cpuinfo gives it, its cores,
     and only SIMD extensions the CPU reports."""

@@ -59,6 +59,18 @@ BENCHES = {
         f"--json={OUT}/gemm_train128.json",
     ],
     "gemm_forward": ["tools/perf/gemm_bound.py", "--job=forward", "--batch=32", f"--json={OUT}/gemm_forward.json"],
+    # the 256 px step's matmul floor against torch.compile (fewer repeats: one step is ~15 s on 2 cores)
+    "gemm_train256": [
+        "tools/perf/gemm_bound.py",
+        "--job=train",
+        "--crop=256",
+        "--batch=32",
+        "--torch-compile",
+        "--repeats=3",
+        "--passes=2",
+        "--rounds=2",
+        f"--json={OUT}/gemm_train256.json",
+    ],
     # inference: every-block extraction vs final block only vs the PyTorch reference forward (+ linear probes)
     "infer": ["tools/perf/bench_probe.py", "--repeats=3", "--json", f"{OUT}/infer.json"],
     "data": [
@@ -190,12 +202,13 @@ def summary_lines(info: dict, rows: list[dict]) -> list[str]:
                 "",
             ]
     bound_rows = []
-    for name in ("gemm_train128", "gemm_forward"):
+    for name in ("gemm_train128", "gemm_train256", "gemm_forward"):
         g = _read(name, info["started"]) if name in ran and ran[name]["rc"] == 0 else None
         if not g or not g.get("mkl_s") or not g.get("torch_s"):
             continue
+        vs = " vs torch.compile" if g.get("torch_cmd") == "compile" else ""
         bound_rows.append(
-            f"| {g['job']} | {g['calls']} ({g['gflop']:.0f} GFLOP) | {g['xla_s']:.3f} s | {g['xla_nn_s']:.3f} s | "
+            f"| {g['job']}{vs} | {g['calls']} ({g['gflop']:.0f} GFLOP) | {g['xla_s']:.3f} s | {g['xla_nn_s']:.3f} s | "
             f"{g['xla_best_s']:.3f} s | {g['mkl_s']:.3f} s | {g['xla_best_s'] / g['mkl_s']:.2f}x | "
             f"{g['ours_s']:.3f} s | {g['torch_s']:.3f} s | {g['xla_best_s'] / g['ours_s']:.0%} | "
             f"**{g['torch_s'] / g['xla_best_s']:.2f}x** |"

@@ -17,7 +17,8 @@ each pass's median):
 
 The sums, times the counts, are what the program's matmuls alone cost on each library. The whole programs run
 side by side in the same process pair: ours (the trainer's jitted step / the every-block pass) and the PyTorch
-reference (`tools/goldens/torch_reference.py`: eager step / inference forward, both in float32). The last line is
+reference (`tools/goldens/torch_reference.py`: eager step, or under torch.compile with `--torch-compile` / inference
+forward, all in float32). The last line is
 the bound that follows: even if every op other than a matmul cost nothing in our program, ours could be at most
 (PyTorch's whole program) / (our matmuls alone) as fast as PyTorch, where "our matmuls alone" takes, per matmul,
 the faster of XLA's two ways (the bound is the most generous to us). XLA runs `INNER` matmuls per call in one
@@ -167,7 +168,7 @@ def _program(args):
         label = (
             f"MAE train step {args.variant}, {args.crop} px, batch {args.batch} (slices: {run.micro_batch or 'none'})"
         )
-        return jaxpr, once, spec, "eager", label
+        return jaxpr, once, spec, "compile" if args.torch_compile else "eager", label
     from flax import nnx
 
     from vitally_jax.embedding import blocks as blocks_lib
@@ -199,6 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--passes", type=int, default=3, help="interleaved passes over the matmuls")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the whole programs")
     p.add_argument("--threads", type=int, default=2, help="PyTorch's thread count")
+    p.add_argument("--torch-compile", action="store_true", help="train: PyTorch's whole step under torch.compile")
     p.add_argument("--json", default="bench_out/gemm_bound.json")
     args = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
