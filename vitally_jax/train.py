@@ -68,9 +68,9 @@ def auto_remat(backend: str | None = None) -> str:
     """`model.remat` "auto": "dots_saveable" on a CPU backend, "none" elsewhere.
 
     On XLA:CPU, keeping only the matmul outputs for the backward pass and recomputing the elementwise ops (GELU,
-    LayerNorm, softmax) is faster than storing every intermediate: the S/16 step took 1.07x less time at 128 px
-    (batch 8) and 1.13x less at 256 px (batch 32), interleaved A/B on a 2-core AVX-512 host; writing and reading
-    the stored activations is memory traffic a CPU pays for. Accelerators keep everything when it fits."""
+    LayerNorm, softmax) is faster than storing every intermediate and reading it back: writing and re-reading the
+    stored activations is memory traffic a CPU pays for. `python tools/perf/profile_train_step.py` times the step
+    with "none" beside this default. Accelerators keep everything when it fits."""
     return "dots_saveable" if (backend or jax.default_backend()) == "cpu" else "none"
 
 
