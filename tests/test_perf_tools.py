@@ -30,6 +30,17 @@ def _run_tool(script: str, *args: str, **env: str) -> subprocess.CompletedProces
     return r
 
 
+def _perf_module(name: str):
+    """A tools/perf script imported as a module (its folder on sys.path only while importing)."""
+    import importlib
+
+    sys.path.insert(0, str(PERF))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(PERF))
+
+
 def test_gpu_check_cpu_smoke(tmp_path):
     out = tmp_path / "gpu_check.json"
     r = _run_tool("gpu_check.py", "--cpu-smoke", "--json", str(out))
@@ -116,21 +127,12 @@ def test_profile_train_step_ablation_runs(tmp_path):
     assert "decoder kernels at rows 34, width 32, hidden 128, 2 heads x 17 tokens (median ms of 2)" in r.stdout
 
 
-def _gemm_bound():
-    sys.path.insert(0, str(PERF))
-    try:
-        import gemm_bound
-    finally:
-        sys.path.remove(str(PERF))
-    return gemm_bound
-
-
 def test_gemm_bound_counts_every_matmul_of_a_scanned_layer_stack_and_its_backward():
     """A 3-layer scan of tanh(h @ w_i), differentiated: 3 forward matmuls, then per layer one for the input's
     gradient and one for the weight's, each counted as often as the scan runs it, with B, M, K, N and FLOPs."""
     import jax.numpy as jnp
 
-    gb = _gemm_bound()
+    gb = _perf_module("gemm_bound")
 
     def loss(w, x):
         h, _ = jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)
@@ -238,11 +240,7 @@ def test_pod_plan_doc_shows_both_attention_memory_models(tmp_path):
 
 
 def test_bench_all_writes_its_figures_between_the_markers(tmp_path):
-    sys.path.insert(0, str(PERF))
-    try:
-        import bench_all
-    finally:
-        sys.path.remove(str(PERF))
+    bench_all = _perf_module("bench_all")
     doc = tmp_path / "performance.md"
     doc.write_text(f"# Performance\n\nintro\n\n{bench_all.BEGIN}\nold figures\n{bench_all.END}\n\n## Later\ntext\n")
     info = {
@@ -275,11 +273,7 @@ def test_bench_all_writes_its_figures_between_the_markers(tmp_path):
 def test_bench_all_matmul_floor_row_is_the_bound_from_the_tools_json(tmp_path, monkeypatch):
     """The summary's matmul-floor row shows what gemm_bound.py wrote: the bound is PyTorch's whole program over
     XLA's best matmul time; a run against torch.compile says so."""
-    sys.path.insert(0, str(PERF))
-    try:
-        import bench_all
-    finally:
-        sys.path.remove(str(PERF))
+    bench_all = _perf_module("bench_all")
     monkeypatch.setattr(bench_all, "OUT", tmp_path)
     g = {"job": "MAE train step X", "calls": 812, "gflop": 101.5, "xla_s": 0.7, "xla_nn_s": 0.65, "xla_best_s": 0.625}
     g.update(mkl_s=0.5, ours_s=1.25, torch_s=0.8, torch_cmd="compile")

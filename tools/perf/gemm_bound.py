@@ -122,9 +122,7 @@ def _xla_cases(key):
 
 
 def _time_mkl(cases: list[dict], repeats: int, threads: int) -> tuple[list[float] | None, str | None]:
-    reason = _shared.torch_available()
-    if reason is not None:
-        return None, reason
+    """-> (median ms of each case through torch.matmul, None) or (None, why not); needs the torch venv."""
     spec = {"gemms": [{k: c[k] for k in "bmkn"} for c in cases], "repeats": repeats, "threads": threads}
     r = subprocess.run(
         [_shared.TORCH_PY, str(_shared.TORCH_REFERENCE), "--gemms", json.dumps(spec)],
@@ -220,13 +218,15 @@ def main(argv=None) -> int:
         runs.append(_xla_cases(key))
     # `--passes` interleaved passes over every matmul (XLA both ways, then MKL); per matmul, the median over passes
     # of each pass's median, so a burst of load on a shared host moves one pass, not the figure
-    xla, xla_nn, mkl, why = [], [], [], None
+    why = _shared.torch_available()  # None: the torch venv imports torch and timm (checked once: it takes seconds)
+    xla, xla_nn, mkl = [], [], []
     for _ in range(args.passes):
         xla.append([_shared.median_s(r[0], args.repeats, warmup=0) * 1e3 / INNER for r in runs])
         xla_nn.append([_shared.median_s(r[1], args.repeats, warmup=0) * 1e3 / INNER for r in runs])
-        ms, why = _time_mkl(cases, args.repeats, args.threads)
-        if ms is not None:
-            mkl.append(ms)
+        if why is None:
+            ms, why = _time_mkl(cases, args.repeats, args.threads)
+            if ms is not None:
+                mkl.append(ms)
     for i, c in enumerate(cases):
         c["xla_ms"] = statistics.median(p[i] for p in xla)
         c["xla_nn_ms"] = statistics.median(p[i] for p in xla_nn)
@@ -235,17 +235,16 @@ def main(argv=None) -> int:
             c["mkl_ms"] = statistics.median(p[i] for p in mkl)
 
     # the whole programs, interleaved rounds
-    worker = None
-    if _shared.torch_available() is None:
-        worker = _shared.TorchWorker(spec)
+    worker = _shared.TorchWorker(spec) if why is None else None
     ours, theirs = [], []
     once()
     try:
         for _ in range(args.rounds):
             ours += _shared.timed(once, 2)
-            if worker is not None:
+            if worker is not None and why is None:
                 r = worker.run(cmd, 2)
                 theirs += r.get("times", [])
+                why = r.get("error")  # a failed PyTorch program (e.g. torch.compile) is named, not dropped
     finally:
         if worker is not None:
             worker.close()
